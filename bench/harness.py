@@ -1,0 +1,342 @@
+"""The benchmark harness: find cases, time them side by side, print a table, save JSON and a chart.
+
+A benchmark module is ``bench/cases_<topic>.py`` with one function::
+
+    def cases(ctx: Context) -> list[Case]
+
+returning the cases it can run on ``ctx.device`` (and calling ``ctx.skip(reason)`` for what it
+cannot, e.g. "layer_norm: needs a CUDA GPU"). Every case of one ``(op, shape, dtype)`` group is
+timed in the same run, so the ratios between implementations are meaningful; absolute times only
+hold on the device named in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+# Units a case can report, and what its ``work`` counts.
+UNITS = {
+    "GB/s": ("bytes moved", 1e9),
+    "TFLOP/s": ("floating-point operations", 1e12),
+    "MB/s": ("bytes of text", 1e6),
+    "tokens/s": ("tokens", 1.0),
+}
+
+
+@dataclass
+class Case:
+    """One thing to time.
+
+    ``fn`` runs one iteration (it may return anything; GPU work is synchronized by the timer).
+    ``work`` is what one call does, in the unit's measure: bytes for GB/s, FLOPs for TFLOP/s,
+    bytes of input text for MB/s, tokens for tokens/s.
+    """
+
+    op: str  # e.g. "layer_norm.fwd", "tokenizer.encode_ordinary"
+    shape: str  # human-readable, e.g. "16384x768" or "30 MB mixed corpus"
+    impl: str  # "triton", "reference", "torch", "torch.compile", "tiktoken", "fast", ...
+    fn: Callable[[], Any]
+    unit: str
+    work: float
+    dtype: str = "-"
+    device: str = "cpu"
+    baseline: bool = False  # ratios in the table are against the baseline impl of the group
+    note: str = ""
+    min_time_s: float = 0.2  # CPU timer: keep repeating until this much time has passed
+
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown unit {self.unit!r}; use one of {sorted(UNITS)}")
+
+
+@dataclass
+class Result:
+    op: str
+    shape: str
+    impl: str
+    dtype: str
+    device: str
+    unit: str
+    median_ms: float
+    throughput: float
+    pct_peak: float | None
+    ratio: float | None = None  # throughput / baseline throughput in the same group
+    note: str = ""
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # "cuda" | "cpu"
+    name: str
+    slug: str
+    arch: str | None = None
+    peak_gbps: float | None = None  # measured device-to-device copy bandwidth (GPU)
+    peak_tflops: dict = field(default_factory=dict)  # nominal dense tensor-core peak by dtype
+    peak_source: str = ""
+
+
+@dataclass
+class Context:
+    device: str
+    info: DeviceInfo
+    quick: bool = False
+    only: str | None = None
+    skipped: list = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        self.skipped.append(reason)
+
+    def wants(self, op: str) -> bool:
+        return self.only is None or re.search(self.only, op) is not None
+
+
+# Nominal dense peaks (TFLOP/s, tensor cores, fp32 accumulate) of cards we know, by name fragment.
+_KNOWN_PEAKS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 80GB HBM3": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_info(device: str | None = None, measure: bool = True) -> DeviceInfo:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        major, minor = torch.cuda.get_device_capability()
+        info = DeviceInfo("cuda", name, _slug(name), arch=f"sm_{major}{minor}")
+        for frag, peaks in _KNOWN_PEAKS.items():
+            if frag in name:
+                info.peak_tflops = dict(peaks)
+                info.peak_source = f"nominal dense peak for {frag}"
+                break
+        if measure:
+            info.peak_gbps = measure_copy_bandwidth()
+        return info
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = f"{cpu} ({os.cpu_count()} cores)"
+    return DeviceInfo("cpu", name, "cpu-" + _slug(cpu)[:40])
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write counted), the roofline for memory-bound ops."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def time_cuda(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of ``fn`` on the GPU, with warm-up and an L2 flush before each call."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 1000) -> float:
+    """Median milliseconds of ``fn`` on the CPU: one warm-up call, then repeat until ``min_time_s``."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time_s and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def discover_cases(ctx: Context) -> list[Case]:
+    """Import every ``cases_*`` module of this package and collect what it offers for ``ctx``."""
+    out: list[Case] = []
+    pkg = sys.modules[__package__]
+    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cases_")):
+        module = importlib.import_module(f"{__package__}.{mod}")
+        for case in module.cases(ctx):
+            if ctx.wants(case.op):
+                out.append(case)
+    return out
+
+
+def measure(case: Case, info: DeviceInfo) -> Result:
+    if case.device == "cuda":
+        ms = time_cuda(case.fn)
+    else:
+        ms = time_cpu(case.fn, case.min_time_s)
+    scale = UNITS[case.unit][1]
+    throughput = case.work / (ms * 1e-3) / scale
+    pct = None
+    if case.device == "cuda":
+        if case.unit == "GB/s" and info.peak_gbps:
+            pct = 100.0 * throughput / info.peak_gbps
+        elif case.unit == "TFLOP/s" and case.dtype in info.peak_tflops:
+            pct = 100.0 * throughput / info.peak_tflops[case.dtype]
+    return Result(case.op, case.shape, case.impl, case.dtype, case.device, case.unit, ms, throughput, pct, None, case.note)
+
+
+def _add_ratios(results: list[Result], cases: list[Case]) -> None:
+    base = {}
+    for r, c in zip(results, cases):
+        if c.baseline:
+            base[(r.op, r.shape, r.dtype)] = r.throughput
+    for r in results:
+        b = base.get((r.op, r.shape, r.dtype))
+        if b:
+            r.ratio = r.throughput / b
+
+
+def format_table(results: list[Result], info: DeviceInfo) -> str:
+    head = ["op", "shape", "dtype", "impl", "median ms", "throughput", "% peak", "vs base"]
+    rows = []
+    for r in results:
+        rows.append([
+            r.op, r.shape, r.dtype, r.impl, f"{r.median_ms:.4g}", f"{r.throughput:.4g} {r.unit}",
+            "" if r.pct_peak is None else f"{r.pct_peak:.1f}%",
+            "" if r.ratio is None else f"{r.ratio:.2f}x",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def header(info: DeviceInfo) -> str:
+    import torch
+
+    parts = [f"device: {info.name}" + (f" ({info.arch})" if info.arch else ""), f"torch {torch.__version__}"]
+    if info.peak_gbps:
+        parts.append(f"measured copy bandwidth {info.peak_gbps:.0f} GB/s (100% for GB/s rows)")
+    if info.peak_tflops:
+        parts.append(f"{info.peak_source}: " + ", ".join(f"{k} {v:g} TFLOP/s" for k, v in info.peak_tflops.items()))
+    return "\n".join(parts)
+
+
+def save(results: list[Result], info: DeviceInfo, out_dir: str, skipped: list[str]) -> tuple[str, str | None]:
+    """Write ``<out_dir>/<device>.json`` (atomically) and a PNG chart beside it; return both paths."""
+    import torch
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{info.slug}.json")
+    payload = {
+        "device": asdict(info),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "skipped": skipped,
+        "results": [asdict(r) for r in results],
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    png = os.path.join(out_dir, f"{info.slug}.png")
+    try:
+        plot(results, info, png)
+    except ImportError:
+        png = None
+    return path, png
+
+
+def plot(results: list[Result], info: DeviceInfo, path: str) -> None:
+    """One horizontal bar panel per (op, shape, dtype) group, throughput by implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.op, r.shape, r.dtype), []).append(r)
+    n = max(1, len(groups))
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 2.2 * rows), squeeze=False)
+    for ax, ((op, shape, dtype), rs) in zip(axes.flat, groups.items()):
+        ax.barh([r.impl for r in rs], [r.throughput for r in rs], color="tab:blue")
+        ax.set_title(f"{op} {shape} {dtype}", fontsize=8)
+        ax.set_xlabel(rs[0].unit, fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"gptfast benchmarks on {info.name}", fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def default_out_dir() -> str:
+    here = os.path.join(os.getcwd(), "bench", "results")
+    return here if os.path.isdir(os.path.dirname(here)) else os.path.join(os.getcwd(), "bench-results")
+
+
+def run(device: str | None = None, quick: bool = False, only: str | None = None, out_dir: str | None = None,
+        save_results: bool = True, stream=sys.stdout) -> list[Result]:
+    info = device_info(device)
+    ctx = Context(info.kind, info, quick=quick, only=only)
+    print(header(info), file=stream, flush=True)
+    cases = discover_cases(ctx)
+    results = []
+    for case in cases:
+        print(f"  timing {case.op} {case.shape} {case.dtype} [{case.impl}]", file=sys.stderr, flush=True)
+        results.append(measure(case, info))
+    _add_ratios(results, cases)
+    print(format_table(results, info), file=stream)
+    for reason in ctx.skipped:
+        print(f"skipped: {reason}", file=stream)
+    if save_results and results:
+        json_path, png_path = save(results, info, out_dir or default_out_dir(), ctx.skipped)
+        print(f"saved {json_path}" + (f" and {png_path}" if png_path else ""), file=stream)
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="fewer and smaller shapes")
+    p.add_argument("--only", metavar="REGEX", help="run only ops matching this regular expression")
+    p.add_argument("--out", metavar="DIR", help="where to write the JSON and PNG (default: bench/results)")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Run every gptfast benchmark this device supports.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    run(args.device, args.quick, args.only, args.out, not args.no_save)
+    return 0

@@ -1,0 +1,38 @@
+"""gptfast: the GPT of *Build a Large Language Model (From Scratch)*, with Triton kernels and a C++ tokenizer.
+
+>>> import torch, gptfast
+>>> model = gptfast.GPTModel(gptfast.GPTConfig.from_name("gpt2"))      # doctest: +SKIP
+>>> model.set_backend("triton")                                         # doctest: +SKIP
+
+Importing gptfast never imports triton; the kernels load the first time they are chosen.
+"""
+
+from . import ops, reference
+from .config import GPT_CONFIG_124M, GPTConfig
+from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
+from .model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
+from .ops import describe, use_backend
+from .viz import attention_weights, plot_attention
+
+__version__ = "0.1.0"
+
+# Parts that arrive with their own modules; imported lazily so a missing one never breaks the rest.
+_LAZY = {
+    "Tokenizer": ("gptfast.tokenizer", "Tokenizer"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'gptfast' has no attribute {name!r}")
+
+
+__all__ = [
+    "GPTConfig", "GPT_CONFIG_124M", "GPTModel", "LayerNorm", "GELU", "FeedForward", "MultiHeadAttention",
+    "TransformerBlock", "generate", "generate_text_simple", "text_to_token_ids", "token_ids_to_text",
+    "use_backend", "describe", "ops", "reference", "attention_weights", "plot_attention", "Tokenizer",
+]

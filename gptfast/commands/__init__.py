@@ -1,0 +1,1 @@
+"""Subcommands of the ``gptfast`` command line; see :mod:`gptfast.cli`."""

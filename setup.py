@@ -1,0 +1,82 @@
+"""Build script for gptfast.
+
+Three source folders become one package:
+
+* ``gptfast/`` -> ``gptfast``          (the library)
+* ``kernels/`` -> ``gptfast.kernels``  (Triton kernels; they import torch and triton only)
+* ``bench/``   -> ``gptfast.bench``    (benchmarks; ``gptfast bench`` and ``python -m bench``)
+
+and ``csrc/*.cpp`` becomes the C++ extension ``gptfast._bpe``.
+
+This file must not import torch: an isolated build would otherwise have to
+download a multi-GB wheel just to read it.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _bpe_extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return []
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+    except ImportError:  # a build without pybind11: the tokenizer falls back to its reference
+        print("gptfast: pybind11 is not installed; building without the C++ tokenizer", file=sys.stderr)
+        return []
+    extra = ["-O3"] if sys.platform != "win32" else ["/O2"]
+    return [
+        Pybind11Extension(
+            "gptfast._bpe",
+            sources,
+            include_dirs=["csrc"],
+            cxx_std=17,
+            extra_compile_args=extra,
+        )
+    ]
+
+
+def _readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+setup(
+    name="gptfast-from-scratch",
+    version="0.1.0",
+    description="The GPT of 'Build a Large Language Model (From Scratch)' with Triton kernels and a C++ BPE tokenizer",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["gptfast", "gptfast.commands", "gptfast.kernels", "gptfast.bench"],
+    package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
+    package_data={"gptfast.bench": ["results/*.json", "results/*.png"]},
+    ext_modules=_bpe_extension(),
+    install_requires=[
+        "torch>=2.6",
+        "triton; platform_system == 'Linux'",
+        "tiktoken>=0.7",
+        "numpy",
+        "safetensors",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "transformers",
+            "tiktoken==0.14.0",
+        ],
+        "hub": ["huggingface_hub"],
+    },
+    entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
+)
