@@ -1,0 +1,266 @@
+"""Resource fit of every Triton kernel on every GPU arch we support, proven on a CPU.
+
+For each kernel op (``layer_norm``, ``feed_forward``, ``attention``), each arch (sm_75 ... sm_120) and
+each dtype (fp32, fp16; bf16 has fp16's sizes), this compiles every config that the dispatcher may
+choose -- ``kernels/<op>.py: resource_specs(arch, dtype)`` -- with ``triton.compile`` for that
+``GPUTarget``, then reports registers and spills (from the ``ptxas -v`` shipped with triton) and
+shared memory (``CompiledKernel.metadata.shared``, which includes the dynamic part that cuobjdump
+misses). It exits non-zero when a config that can be chosen on an arch needs more shared memory
+than that arch allows one block, or more registers than a block can have, so a launch that would fail
+on a user's card is caught here, without a GPU.
+
+    python -m bench.resources                     # everything (parallel, cached)
+    python -m bench.resources --op attention --arch 86
+    python -m bench.resources --smoke             # one config, for the test suite
+
+Results are cached under ``~/.cache/gptfast/resources`` keyed by the kernel's source and arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+# Shared memory a block may use (opt-in maximum), bytes; and the register file a block may use.
+ARCH_LIMITS = {
+    75: {"shared": 64 * 1024, "name": "T4 / RTX 20"},
+    80: {"shared": 163 * 1024, "name": "A100"},
+    86: {"shared": 99 * 1024, "name": "RTX 30"},
+    89: {"shared": 99 * 1024, "name": "RTX 40 / L4"},
+    90: {"shared": 227 * 1024, "name": "H100"},
+    120: {"shared": 99 * 1024, "name": "RTX 50"},
+}
+REGISTERS_PER_BLOCK = 65536
+DTYPES = ("fp32", "fp16")
+OPS = ("layer_norm", "feed_forward", "attention")
+
+
+@dataclass
+class Row:
+    op: str
+    kernel: str
+    label: str
+    arch: int
+    dtype: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+    shared_limit: int
+    chosen: bool  # can the dispatcher pick this config on this arch?
+    problem: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return not self.problem
+
+
+def _torch_dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def kernel_modules(ops=OPS):
+    """``{op: module}`` for the ops that have a kernel module, and ``{op: reason}`` for those that do not."""
+    found, missing = {}, {}
+    for op in ops:
+        name = f"gptfast.kernels.{op}"
+        try:
+            found[op] = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            missing[op] = "no kernel yet"
+    return found, missing
+
+
+def _ptxas():
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for exe in ("ptxas-blackwell", "ptxas"):  # the newer one reads every PTX version triton emits
+        path = os.path.join(bindir, exe)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no ptxas in {bindir}: this triton build cannot compile for NVIDIA GPUs")
+
+
+def _spec_key(spec, arch):
+    fn = spec["kernel"]
+    src = inspect.getsource(getattr(fn, "fn", fn))
+    import triton
+
+    blob = json.dumps(
+        [src, triton.__version__, spec["signature"], {k: repr(v) for k, v in spec.get("constexprs", {}).items()},
+         spec.get("num_warps", 4), spec.get("num_stages", 3), arch],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def compile_spec(spec, arch):
+    """Compile one spec for ``sm_<arch>``; returns (registers, spill_stores, spill_loads, shared_bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=spec["kernel"], signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+    options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([_ptxas(), "-v", f"-arch={target}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    info = out.stderr + out.stdout
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return regs, int(spills.group(1)), int(spills.group(2)), int(compiled.metadata.shared)
+
+
+def _cache_dir():
+    d = os.environ.get("GPTFAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gptfast")
+    return os.path.join(d, "resources")
+
+
+def _compile_cached(spec, arch, use_cache=True):
+    key = _spec_key(spec, arch)
+    path = os.path.join(_cache_dir(), key + ".json")
+    if use_cache and os.path.exists(path):
+        with open(path) as f:
+            return tuple(json.load(f))
+    result = compile_spec(spec, arch)
+    os.makedirs(_cache_dir(), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+    return result
+
+
+def _job(op, arch, dtype, index, use_cache):
+    """Runs in a worker process: compile spec ``index`` of ``op`` for (arch, dtype)."""
+    module = importlib.import_module(f"gptfast.kernels.{op}")
+    spec = module.resource_specs(arch, _torch_dtype(dtype))[index]
+    return _compile_cached(spec, arch, use_cache)
+
+
+def collect(ops=OPS, archs=tuple(ARCH_LIMITS), dtypes=DTYPES, jobs=None, use_cache=True, smoke=False, progress=None):
+    """Compile what was asked and return (rows, missing_ops)."""
+    found, missing = kernel_modules(ops)
+    work = []
+    for op, module in found.items():
+        for arch in archs:
+            for dtype in dtypes:
+                specs = module.resource_specs(arch, _torch_dtype(dtype))
+                chosen = arch in getattr(module, "SUPPORTED_ARCHS", ())
+                for i, spec in enumerate(specs):
+                    work.append((op, arch, dtype, i, spec, chosen))
+                    if smoke:
+                        break
+                if smoke and work:
+                    break
+            if smoke and work:
+                break
+        if smoke and work:
+            break
+    rows = []
+    jobs = jobs or os.cpu_count() or 1
+    with cf.ProcessPoolExecutor(max_workers=max(1, min(jobs, len(work) or 1))) as pool:
+        futures = {pool.submit(_job, op, arch, dtype, i, use_cache): (op, arch, dtype, spec, chosen)
+                   for op, arch, dtype, i, spec, chosen in work}
+        for n, fut in enumerate(cf.as_completed(futures), 1):
+            op, arch, dtype, spec, chosen = futures[fut]
+            fn = spec["kernel"]
+            name = getattr(getattr(fn, "fn", fn), "__name__", str(fn))
+            limit = ARCH_LIMITS[arch]["shared"]
+            warps, stages = spec.get("num_warps", 4), spec.get("num_stages", 3)
+            try:
+                regs, st, ld, shared = fut.result()
+                problem = []
+                if shared > limit:
+                    problem.append(f"shared {shared} B > {limit} B")
+                if regs * 32 * warps > REGISTERS_PER_BLOCK:
+                    problem.append(f"{regs} regs x {32 * warps} threads > {REGISTERS_PER_BLOCK}")
+                rows.append(Row(op, name, spec.get("label", ""), arch, dtype, warps, stages, regs, st, ld, shared,
+                                limit, chosen, "; ".join(problem)))
+            except Exception as e:  # a config that does not even compile is a problem too
+                rows.append(Row(op, name, spec.get("label", ""), arch, dtype, warps, stages, -1, -1, -1, -1, limit,
+                                chosen, f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            if progress:
+                progress(n, len(work))
+    rows.sort(key=lambda r: (r.op, r.arch, r.dtype, r.kernel, r.label))
+    return rows, missing
+
+
+def format_rows(rows):
+    head = ["op", "arch", "dtype", "kernel", "config", "warps", "stages", "regs", "spills st/ld", "shared B",
+            "limit B", "status"]
+    table = []
+    for r in rows:
+        status = "ok" if r.fits else ("OVER: " if r.chosen else "not chosen: ") + r.problem
+        if r.fits and r.spill_stores + r.spill_loads:
+            status = "ok (spills)"
+        if r.fits and not r.chosen:
+            status = "ok (arch not enabled)"
+        table.append([r.op, f"sm_{r.arch}", r.dtype, r.kernel, r.label, str(r.num_warps), str(r.num_stages),
+                      str(r.registers), f"{r.spill_stores}/{r.spill_loads}", str(r.shared), str(r.shared_limit), status])
+    widths = [max([len(h)] + [len(row[i]) for row in table]) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.resources", description=__doc__.split("\n\n")[0])
+    p.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
+    p.add_argument("--arch", action="append", type=int, choices=sorted(ARCH_LIMITS), help="only this arch, e.g. 86")
+    p.add_argument("--dtype", action="append", choices=DTYPES)
+    p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
+    p.add_argument("--no-cache", action="store_true", help="recompile even when a cached result exists")
+    p.add_argument("--smoke", action="store_true", help="compile one config only (a quick self-check)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # we compile for real GPUs here, never interpret
+    rows, missing = collect(tuple(args.op or OPS), tuple(args.arch or ARCH_LIMITS), tuple(args.dtype or DTYPES),
+                            args.jobs, not args.no_cache, args.smoke,
+                            progress=lambda n, t: print(f"\r  compiled {n}/{t}", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    for op, why in missing.items():
+        print(f"{op}: {why}")
+    if rows:
+        print(format_rows(rows))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+        os.replace(tmp, args.json)
+    bad = [r for r in rows if r.chosen and not r.fits]
+    if bad:
+        print(f"\n{len(bad)} config(s) that the dispatcher can choose do not fit their arch", file=sys.stderr)
+        return 1
+    spilled = [r for r in rows if r.chosen and (r.spill_stores or r.spill_loads)]
+    print(f"\n{len(rows)} compiled; every config the dispatcher can choose fits"
+          + (f"; {len(spilled)} spill registers" if spilled else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
