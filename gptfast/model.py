@@ -229,6 +229,22 @@ class GPTModel(nn.Module):
         logits = self.out_head(x)  # (B, T, vocab_size)
         return (logits, weights) if return_attn_weights else logits
 
+    @classmethod
+    def from_pretrained(cls, path_or_name, backend=None, **kwargs):
+        """Load weights: a gptfast or Hugging Face folder, the book's ``model.pth``, or a GPT-2 name.
+
+        See :func:`gptfast.weights.from_pretrained`.
+        """
+        from .weights import from_pretrained
+
+        return from_pretrained(path_or_name, backend=backend, **kwargs)
+
+    def save_pretrained(self, folder, **kwargs):
+        """Write Hugging Face's GPT-2 layout (safetensors) to ``folder``; see :func:`gptfast.weights.save_pretrained`."""
+        from .weights import save_pretrained
+
+        return save_pretrained(self, folder, **kwargs)
+
     def num_parameters(self, exclude_embeddings=False) -> int:
         """Parameters counted once each (a tied out_head is not counted twice)."""
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,138 @@
+"""gptfast's own model folder: ``model.safetensors`` (the book's key names) + ``config.json``.
+
+One layout for everything that saves a model -- the trainer's ``DIR/step-N/`` checkpoints, fine-tuning
+runs -- and everything that reads one (``GPTModel.from_pretrained``, ``gptfast generate --checkpoint``).
+The causal-mask buffers (``trf_blocks.N.att.mask``) are derived, so they are left out; a tied
+``out_head.weight`` is left out too (``config.json`` says ``tie_weights``). Every file is written to a
+temporary name and renamed, so a crash mid-write never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def savable_state_dict(model) -> dict:
+    """The model's tensors under the book's names, without mask buffers or a tied out_head, contiguous."""
+    tied = bool(getattr(getattr(model, "cfg", None), "tie_weights", False))
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(".att.mask") or (tied and key == "out_head.weight"):
+            continue
+        out[key] = tensor.detach().contiguous()
+    return out
+
+
+def save_model(model, folder: str, extra_config: dict | None = None) -> None:
+    """Write ``folder/model.safetensors`` and ``folder/config.json`` (each atomically)."""
+    from safetensors.torch import save
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.cpu() for k, v in savable_state_dict(model).items()}
+    atomic_write_bytes(os.path.join(folder, MODEL_FILE), save(state, metadata={"format": "pt", "library": "gptfast"}))
+    config = dict(model.cfg.to_dict())
+    if extra_config:
+        config.update(extra_config)
+    atomic_write_json(os.path.join(folder, CONFIG_FILE), config)
+
+
+def is_model_folder(folder: str) -> bool:
+    """True for a folder in gptfast's layout (not Hugging Face's, whose config has ``n_embd``)."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, MODEL_FILE))):
+        return False
+    with open(path) as f:
+        return "emb_dim" in json.load(f)
+
+
+def read_config(folder: str):
+    from .config import GPTConfig
+
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: a gptfast model folder holds {CONFIG_FILE} and {MODEL_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    fields = set(GPTConfig.__dataclass_fields__)
+    return GPTConfig.coerce({k: v for k, v in raw.items() if k in fields})
+
+
+def load_model(folder: str, backend=None, device="cpu"):
+    """Build a :class:`~gptfast.GPTModel` from a gptfast model folder (strict: every tensor must match)."""
+    from safetensors.torch import load_file
+
+    from .model import GPTModel
+
+    cfg = read_config(folder)
+    path = os.path.join(folder, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: a gptfast model folder holds {CONFIG_FILE} and {MODEL_FILE}")
+    state = load_file(path, device=str(device))
+    with torch.device("meta"):
+        model = GPTModel(cfg, backend=backend)
+    load_state_dict_checked(model, state, source=path)
+    return model
+
+
+def load_state_dict_checked(model, state: dict, source: str) -> None:
+    """Load ``state`` into ``model`` (possibly on the meta device), naming any missing, extra or misshaped tensor."""
+    expected = savable_state_dict_shapes(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(k for k in set(state) - set(expected) if not k.endswith(".att.mask"))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            problems.append(f"{key} has shape {tuple(state[key].shape)} in the checkpoint but {shape} in the model")
+    if problems:
+        raise ValueError(f"{source} does not fit this model config: " + "; ".join(problems))
+    state = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
+    model.load_state_dict(state, strict=False, assign=True)
+    # Buffers and tied weights that were not in the file: rebuild them on the parameters' device.
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    _materialize_derived(model, device)
+
+
+def savable_state_dict_shapes(model) -> dict:
+    tied = bool(getattr(getattr(model, "cfg", None), "tie_weights", False))
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
+            if not k.endswith(".att.mask") and not (tied and k == "out_head.weight")}
+
+
+def _materialize_derived(model, device) -> None:
+    from .model import MultiHeadAttention, SinusoidalPositionalEmbedding
+    from .reference import sinusoidal_positions
+
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention) and module.mask.is_meta:
+            n = module.mask.shape[0]
+            module.mask = torch.triu(torch.ones(n, n, device=device), diagonal=1)
+        if isinstance(module, SinusoidalPositionalEmbedding) and module.table.is_meta:
+            module.table = sinusoidal_positions(*module.table.shape, device=device)
+    if model.cfg.tie_weights:
+        model.out_head.weight = model.tok_emb.weight
