@@ -172,8 +172,11 @@ def choose(op: str, device: torch.device, backend=None, shape_check=None) -> Cho
     name, rule = resolve(op, backend)
     if name == "reference":
         return Choice(op, "reference", name, rule, f"{rule} asked for the reference")
-    module, missing = kernel_module(op)
     explicit = name == "triton"
+    device = torch.device(device)
+    if not explicit and device.type != "cuda":  # decided before importing anything: no triton on CPU runs
+        return Choice(op, "reference", name, rule, f"auto: the inputs are on the {device.type.upper()}")
+    module, missing = kernel_module(op)
 
     def decline(why, exc=RuntimeError):
         if explicit:
@@ -182,15 +185,12 @@ def choose(op: str, device: torch.device, backend=None, shape_check=None) -> Cho
 
     if module is None:
         return decline(missing, NotImplementedError if "no Triton kernel" in missing else RuntimeError)
-    device = torch.device(device)
     if device.type == "cuda":
         arch = cuda_arch(device)
         if arch not in module.SUPPORTED_ARCHS:
             proven = ", ".join(f"sm_{a}" for a in module.SUPPORTED_ARCHS)
             return decline(f"its kernel is not proven on this GPU (sm_{arch}; proven: {proven})")
     elif device.type == "cpu":
-        if not explicit:
-            return Choice(op, "reference", name, rule, "auto: the inputs are on the CPU")
         if not interpreting():
             return decline(
                 "the inputs are CPU tensors: move them to a CUDA GPU, or set TRITON_INTERPRET=1 before "
