@@ -1,0 +1,308 @@
+// Python bindings of the BPE core: type conversion and GIL release only; the logic is in bpe.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "bpe.h"
+
+namespace py = pybind11;
+using gptfast::Encoder;
+using gptfast::Rank;
+
+namespace {
+
+// str -> UTF-8 view (the str keeps the bytes alive). Surrogates raise UnicodeEncodeError,
+// which the Python class handles; anything but str raises TypeError.
+std::string_view utf8_of(PyObject* obj) {
+    if (!PyUnicode_Check(obj))
+        throw py::type_error(std::string("expected str, got ") + Py_TYPE(obj)->tp_name);
+    Py_ssize_t n;
+    const char* p = PyUnicode_AsUTF8AndSize(obj, &n);
+    if (!p) throw py::error_already_set();
+    return std::string_view(p, size_t(n));
+}
+
+std::vector<bool> allowed_mask(const py::object& allowed) {
+    std::vector<bool> out;
+    if (allowed.is_none()) return out;
+    for (auto item : allowed) out.push_back(item.cast<bool>());
+    return out;
+}
+
+// A Python int -> token id, with the errors Python's own conversions give.
+inline Rank id_of(PyObject* o) {
+    unsigned long v;
+    if (PyLong_CheckExact(o)) {
+        v = PyLong_AsUnsignedLong(o);
+    } else {
+        PyObject* idx = PyNumber_Index(o);
+        if (!idx) throw py::error_already_set();
+        v = PyLong_AsUnsignedLong(idx);
+        Py_DECREF(idx);
+    }
+    if (v == (unsigned long)-1 && PyErr_Occurred()) throw py::error_already_set();
+    if (v > 0xFFFFFFFFul) throw py::value_error("");  // replaced below
+    return Rank(v);
+}
+
+std::vector<Rank> ids_of(const py::handle& tokens) {
+    std::vector<Rank> ids;
+    PyObject* seq = PySequence_Fast(tokens.ptr(), "expected a sequence of token ids");
+    if (!seq) throw py::error_already_set();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    ids.resize(size_t(n));
+    try {
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            try {
+                ids[size_t(i)] = id_of(items[i]);
+            } catch (py::value_error&) {
+                PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
+                throw py::error_already_set();
+            }
+        }
+    } catch (...) {
+        Py_DECREF(seq);
+        throw;
+    }
+    Py_DECREF(seq);
+    return ids;
+}
+
+class PyEncoder {
+  public:
+    explicit PyEncoder(std::unique_ptr<Encoder> enc) : enc_(std::move(enc)) {
+        ints_.reserve(enc_->n_vocab());
+        for (size_t i = 0; i < enc_->n_vocab(); ++i) ints_.push_back(py::reinterpret_steal<py::object>(PyLong_FromSize_t(i)));
+    }
+
+    static std::unique_ptr<PyEncoder> from_ranks(const std::vector<std::pair<py::bytes, Rank>>& ranks,
+                                                 const std::vector<std::pair<std::string, Rank>>& specials) {
+        std::vector<std::pair<std::string, Rank>> r;
+        r.reserve(ranks.size());
+        for (auto& kv : ranks) r.emplace_back(std::string(kv.first), kv.second);
+        return std::make_unique<PyEncoder>(std::make_unique<Encoder>(std::move(r), specials));
+    }
+
+    static std::unique_ptr<PyEncoder> from_tiktoken(const py::bytes& contents,
+                                                    const std::vector<std::pair<std::string, Rank>>& specials) {
+        std::string_view view = contents;
+        std::unique_ptr<Encoder> enc;
+        {
+            py::gil_scoped_release nogil;
+            enc = std::make_unique<Encoder>(Encoder::parse_tiktoken(view), specials);
+        }
+        return std::make_unique<PyEncoder>(std::move(enc));
+    }
+
+    py::list to_list(const std::vector<Rank>& ids) const {
+        PyObject* list = PyList_New(Py_ssize_t(ids.size()));
+        if (!list) throw py::error_already_set();
+        PyObject* const* table = reinterpret_cast<PyObject* const*>(ints_.data());
+        for (size_t i = 0; i < ids.size(); ++i) {
+            PyObject* o = table[ids[i]];
+            Py_INCREF(o);
+            PyList_SET_ITEM(list, Py_ssize_t(i), o);
+        }
+        return py::reinterpret_steal<py::list>(list);
+    }
+
+    py::list encode_ordinary(const py::handle& text) const {
+        std::string_view s = utf8_of(text.ptr());
+        std::vector<Rank> out;
+        {
+            py::gil_scoped_release nogil;
+            enc_->encode_ordinary(s, out);
+        }
+        return to_list(out);
+    }
+
+    py::list encode(const py::handle& text, const py::object& allowed) const {
+        std::string_view s = utf8_of(text.ptr());
+        std::vector<bool> mask = allowed_mask(allowed);
+        std::vector<Rank> out;
+        {
+            py::gil_scoped_release nogil;
+            enc_->encode(s, mask, out);
+        }
+        return to_list(out);
+    }
+
+    py::array_t<uint32_t> encode_to_numpy(const py::handle& text, const py::object& allowed) const {
+        std::string_view s = utf8_of(text.ptr());
+        std::vector<bool> mask = allowed_mask(allowed);
+        auto* out = new std::vector<Rank>();
+        {
+            py::gil_scoped_release nogil;
+            enc_->encode(s, mask, *out);
+        }
+        py::capsule owner(out, [](void* p) { delete static_cast<std::vector<Rank>*>(p); });
+        return py::array_t<uint32_t>({py::ssize_t(out->size())}, {py::ssize_t(sizeof(Rank))}, out->data(), owner);
+    }
+
+    py::list encode_batch(const py::list& texts, const py::object& allowed, int num_threads) const {
+        std::vector<std::string_view> views;
+        views.reserve(texts.size());
+        for (auto t : texts) views.push_back(utf8_of(t.ptr()));
+        std::vector<bool> mask = allowed_mask(allowed);
+        std::vector<std::vector<Rank>> out;
+        {
+            py::gil_scoped_release nogil;
+            out = enc_->encode_batch(views, allowed.is_none() ? nullptr : &mask, num_threads);
+        }
+        py::list result(out.size());
+        for (size_t i = 0; i < out.size(); ++i) {
+            result[i] = to_list(out[i]);
+            std::vector<Rank>().swap(out[i]);
+        }
+        return result;
+    }
+
+    size_t count_ordinary(const py::handle& text) const {
+        std::string_view s = utf8_of(text.ptr());
+        py::gil_scoped_release nogil;
+        return enc_->count_ordinary(s);
+    }
+
+    py::list encode_single_piece(const py::bytes& piece) const {
+        std::string_view s = piece;
+        std::vector<Rank> out;
+        enc_->encode_piece(reinterpret_cast<const uint8_t*>(s.data()), s.size(), out);
+        return to_list(out);
+    }
+
+    py::bytes decode_bytes(const py::handle& tokens) const {
+        std::vector<Rank> ids = ids_of(tokens);
+        const size_t size = enc_->decoded_size(ids.data(), ids.size());
+        PyObject* out = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(size));
+        if (!out) throw py::error_already_set();
+        char* dst = PyBytes_AS_STRING(out);
+        if (ids.size() > (1u << 16)) {
+            py::gil_scoped_release nogil;
+            enc_->decode_to(ids.data(), ids.size(), dst, size);
+        } else {
+            enc_->decode_to(ids.data(), ids.size(), dst, size);
+        }
+        return py::reinterpret_steal<py::bytes>(out);
+    }
+
+    py::bytes token_bytes(const py::handle& id) const {
+        PyObject* idx = PyNumber_Index(id.ptr());
+        if (!idx) throw py::error_already_set();
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+        Py_DECREF(idx);
+        if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+        if (overflow || v < 0) throw gptfast::UnknownToken(overflow ? ~0ull : uint64_t(-1));
+        std::string b = enc_->token_bytes(uint64_t(v));
+        return py::bytes(b);
+    }
+
+    py::object rank_of(const py::bytes& b) const {
+        Rank r = enc_->rank_of(std::string_view(b));
+        if (r == gptfast::kNoRank) return py::none();
+        return ints_[r];
+    }
+
+    py::dict mergeable_ranks() const {
+        py::dict d;
+        std::vector<bool> special(enc_->n_vocab(), false);
+        for (auto& kv : enc_->specials()) special[kv.second] = true;
+        for (size_t id = 0; id < enc_->n_vocab(); ++id) {
+            if (special[id]) continue;
+            try {
+                d[py::bytes(enc_->token_bytes(id))] = ints_[id];
+            } catch (gptfast::UnknownToken&) {
+            }
+        }
+        return d;
+    }
+
+    py::bytes to_tiktoken() const { return py::bytes(enc_->to_tiktoken()); }
+    size_t n_vocab() const { return enc_->n_vocab(); }
+    size_t n_ranks() const { return enc_->n_ranks(); }
+    std::vector<std::pair<std::string, Rank>> specials() const { return enc_->specials(); }
+
+  private:
+    std::unique_ptr<Encoder> enc_;
+    std::vector<py::object> ints_;
+};
+
+py::list split_gpt2(const py::handle& text) {
+    std::string_view s = utf8_of(text.ptr());
+    py::list out;
+    gptfast::split_gpt2(s, [&](size_t b, size_t e) { out.append(py::bytes(s.data() + b, e - b)); });
+    return out;
+}
+
+py::tuple train(const py::list& texts, const std::vector<std::string>& specials, size_t num_merges, int num_threads,
+                const py::object& progress) {
+    std::vector<std::string_view> views;
+    views.reserve(texts.size());
+    for (auto t : texts) views.push_back(utf8_of(t.ptr()));
+    std::function<void(size_t)> cb;
+    if (!progress.is_none())
+        cb = [&progress](size_t done) {
+            py::gil_scoped_acquire gil;
+            progress(done);
+        };
+    std::vector<std::string> merges;
+    size_t distinct = 0;
+    {
+        py::gil_scoped_release nogil;
+        gptfast::PieceCounts counts = gptfast::count_pieces(views, specials, num_threads);
+        distinct = counts.pieces.size();
+        merges = gptfast::train_bpe(counts, num_merges, cb);
+    }
+    py::list out;
+    for (auto& m : merges) out.append(py::bytes(m));
+    return py::make_tuple(out, distinct);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_bpe, m) {
+    m.doc() = "The C++ core of gptfast.Tokenizer (use gptfast.Tokenizer, not this module).";
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const gptfast::UnknownToken& e) {
+            std::string msg = e.id == ~0ull ? std::string("token id out of range")
+                                            : "Invalid token for decoding: " + std::to_string(e.id);
+            PyErr_SetObject(PyExc_KeyError, py::str(msg).ptr());
+        } catch (const gptfast::ParseError& e) {
+            PyErr_SetString(PyExc_ValueError, ("line " + std::to_string(e.line) + ": " + e.what()).c_str());
+        } catch (const gptfast::InvalidArgument& e) {
+            PyErr_SetString(PyExc_ValueError, e.what());
+        }
+    });
+
+    py::class_<PyEncoder>(m, "Encoder")
+        .def_static("from_ranks", &PyEncoder::from_ranks, py::arg("ranks"), py::arg("specials"))
+        .def_static("from_tiktoken", &PyEncoder::from_tiktoken, py::arg("contents"), py::arg("specials"))
+        .def("encode_ordinary", &PyEncoder::encode_ordinary)
+        .def("encode", &PyEncoder::encode, py::arg("text"), py::arg("allowed"))
+        .def("encode_to_numpy", &PyEncoder::encode_to_numpy, py::arg("text"), py::arg("allowed"))
+        .def("encode_batch", &PyEncoder::encode_batch, py::arg("texts"), py::arg("allowed"), py::arg("num_threads"))
+        .def("count_ordinary", &PyEncoder::count_ordinary)
+        .def("encode_single_piece", &PyEncoder::encode_single_piece)
+        .def("decode_bytes", &PyEncoder::decode_bytes)
+        .def("token_bytes", &PyEncoder::token_bytes)
+        .def("rank_of", &PyEncoder::rank_of)
+        .def("mergeable_ranks", &PyEncoder::mergeable_ranks)
+        .def("to_tiktoken", &PyEncoder::to_tiktoken)
+        .def_property_readonly("n_vocab", &PyEncoder::n_vocab)
+        .def_property_readonly("n_ranks", &PyEncoder::n_ranks)
+        .def_property_readonly("specials", &PyEncoder::specials);
+
+    m.def("split_gpt2", &split_gpt2, "The pieces of a str under the GPT-2 pattern, as UTF-8 bytes.");
+    m.def("train", &train, py::arg("texts"), py::arg("specials"), py::arg("num_merges"), py::arg("num_threads"),
+          py::arg("progress"));
+    m.attr("UNICODE_VERSION") = "16.0.0";
+}

@@ -1,0 +1,799 @@
+// gptfast's byte-pair-encoding core (see bpe.h).
+#include "bpe.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <queue>
+#include <thread>
+#include <unordered_map>
+
+#include "unicode_tables.h"
+
+namespace gptfast {
+
+// ---------------------------------------------------------------------------------------------
+// Character classes and the GPT-2 splitter
+// ---------------------------------------------------------------------------------------------
+
+CharClass char_class(uint32_t cp) {
+    if (cp >= 0x110000) return kOther;
+    return static_cast<CharClass>(unicode::kStage2[unicode::kStage1[cp >> 8]][cp & 0xFF]);
+}
+
+namespace {
+
+struct AsciiClasses {
+    uint8_t cls[128];
+    AsciiClasses() {
+        for (uint32_t c = 0; c < 128; ++c) cls[c] = char_class(c);
+    }
+};
+const AsciiClasses kAscii;
+
+inline bool is_cont(uint8_t b) { return (b & 0xC0) == 0x80; }
+
+// Class of the character at s[i] (i < n); its length in bytes goes to *len.
+inline CharClass class_at(const uint8_t* s, size_t n, size_t i, size_t* len) {
+    uint8_t c = s[i];
+    if (c < 0x80) {
+        *len = 1;
+        return static_cast<CharClass>(kAscii.cls[c]);
+    }
+    uint32_t cp;
+    if (c >= 0xC2 && c < 0xE0 && i + 1 < n && is_cont(s[i + 1])) {
+        *len = 2;
+        cp = (uint32_t(c & 0x1F) << 6) | (s[i + 1] & 0x3F);
+    } else if (c >= 0xE0 && c < 0xF0 && i + 2 < n && is_cont(s[i + 1]) && is_cont(s[i + 2])) {
+        *len = 3;
+        cp = (uint32_t(c & 0x0F) << 12) | (uint32_t(s[i + 1] & 0x3F) << 6) | (s[i + 2] & 0x3F);
+    } else if (c >= 0xF0 && c < 0xF5 && i + 3 < n && is_cont(s[i + 1]) && is_cont(s[i + 2]) && is_cont(s[i + 3])) {
+        *len = 4;
+        cp = (uint32_t(c & 0x07) << 18) | (uint32_t(s[i + 1] & 0x3F) << 12) | (uint32_t(s[i + 2] & 0x3F) << 6) |
+             (s[i + 3] & 0x3F);
+    } else {
+        *len = 1;  // not UTF-8: one byte of class OTHER
+        return kOther;
+    }
+    return char_class(cp);
+}
+
+// End of the run of characters of class `cls` that starts at i.
+inline size_t run_end(const uint8_t* s, size_t n, size_t i, CharClass cls) {
+    while (i < n) {
+        uint8_t b = s[i];
+        if (b < 0x80) {
+            if (kAscii.cls[b] != cls) break;
+            ++i;
+        } else {
+            size_t len;
+            if (class_at(s, n, i, &len) != cls) break;
+            i += len;
+        }
+    }
+    return i;
+}
+
+}  // namespace
+
+size_t gpt2_piece_end(std::string_view text, size_t pos) {
+    const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+    const size_t n = text.size();
+    const uint8_t c = s[pos];
+    // 's 't 're 've 'm 'll 'd  (ASCII apostrophe, lowercase only)
+    if (c == '\'' && pos + 1 < n) {
+        const uint8_t d = s[pos + 1];
+        if (d == 's' || d == 'd' || d == 'm' || d == 't') return pos + 2;
+        if (pos + 2 < n) {
+            const uint8_t e = s[pos + 2];
+            if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e')) return pos + 3;
+        }
+    }
+    size_t len;
+    const CharClass cls = class_at(s, n, pos, &len);
+    // ' ?\p{L}+', ' ?\p{N}+', ' ?[^\s\p{L}\p{N}]+': only U+0020 attaches to what follows.
+    if (c == ' ' && pos + 1 < n) {
+        size_t len2;
+        const CharClass next = class_at(s, n, pos + 1, &len2);
+        if (next != kSpace) return run_end(s, n, pos + 1 + len2, next);
+    }
+    if (cls != kSpace) return run_end(s, n, pos + len, cls);
+    // A whitespace run: whole at the end of the text ('\s+$'); otherwise it gives back its last
+    // character to what follows ('\s+(?!\S)'), unless it is a single character ('\s').
+    size_t last = pos;
+    size_t i = pos + len;
+    while (i < n) {
+        size_t l;
+        if (class_at(s, n, i, &l) != kSpace) break;
+        last = i;
+        i += l;
+    }
+    if (i == n) return n;
+    return last > pos ? last : i;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RankTable
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// The first min(n, 8) bytes of p, zero-padded, without reading past p + n.
+inline uint64_t load_head(const uint8_t* p, size_t n) {
+    uint64_t v = 0;
+    if (n >= 8) {
+        std::memcpy(&v, p, 8);
+    } else if (n >= 4) {
+        uint32_t a, b;
+        std::memcpy(&a, p, 4);
+        std::memcpy(&b, p + n - 4, 4);
+        v = uint64_t(a) | (uint64_t(b) << (8 * (n - 4)));
+    } else if (n > 0) {
+        v = uint64_t(p[0]) | (uint64_t(p[n / 2]) << (8 * (n / 2))) | (uint64_t(p[n - 1]) << (8 * (n - 1)));
+    }
+    return v;
+}
+
+inline uint64_t mix(uint64_t h) {
+    h ^= h >> 32;
+    h *= 0xD6E8FEB86659FD93ull;
+    h ^= h >> 32;
+    return h;
+}
+
+inline uint64_t hash_bytes(const uint8_t* p, size_t n, uint64_t head) {
+    uint64_t h = (head ^ (uint64_t(n) << 56)) * 0x9E3779B97F4A7C15ull;
+    for (size_t i = 8; i < n; i += 8) {
+        uint64_t v = load_head(p + i, std::min<size_t>(8, n - i));
+        h = (h ^ v) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 29;
+    }
+    return mix(h);
+}
+
+}  // namespace
+
+void RankTable::build(const std::vector<std::pair<std::string, Rank>>& items) {
+    size_t cap = 16;
+    while (cap < items.size() * 2 + 16) cap <<= 1;
+    slots_.assign(cap, Slot{0, 0, 0, 0});
+    mask_ = cap - 1;
+    arena_.clear();
+    count_ = 0;
+    size_t total = 0;
+    for (auto& kv : items) total += kv.first.size();
+    arena_.reserve(total);
+    for (auto& kv : items) {
+        const std::string& s = kv.first;
+        if (s.empty()) throw InvalidArgument("a token has no bytes");
+        if (s.size() > 0xFFFFFF) throw InvalidArgument("a token is longer than 16 MiB");
+        if (find(s) != kNoRank) throw InvalidArgument("two tokens have the same bytes");
+        const uint8_t* p = reinterpret_cast<const uint8_t*>(s.data());
+        uint64_t head = load_head(p, s.size());
+        uint64_t i = hash_bytes(p, s.size(), head) & mask_;
+        while (slots_[i].len != 0) i = (i + 1) & mask_;
+        slots_[i] = Slot{head, uint32_t(s.size()), kv.second, uint32_t(arena_.size())};
+        arena_ += s;
+        ++count_;
+    }
+}
+
+Rank RankTable::find(const uint8_t* p, size_t n) const {
+    if (count_ == 0 || n == 0) return kNoRank;
+    const uint64_t head = load_head(p, n);
+    uint64_t i = hash_bytes(p, n, head) & mask_;
+    for (;;) {
+        const Slot& s = slots_[i];
+        if (s.len == 0) return kNoRank;
+        if (s.len == n && s.head == head &&
+            (n <= 8 || std::memcmp(arena_.data() + s.offset + 8, p + 8, n - 8) == 0))
+            return s.rank;
+        i = (i + 1) & mask_;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder: construction, file format
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+constexpr uint32_t kMissing = 0xFFFFFFFFu;
+constexpr size_t kSmallPiece = 128;  // pieces up to this many bytes use the quadratic merge loop
+constexpr size_t kPad = 16;
+
+const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+int b64_value(char c) {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+}
+
+bool b64_decode(std::string_view in, std::string& out) {
+    out.clear();
+    if (in.size() % 4 != 0 || in.empty()) return false;
+    for (size_t i = 0; i < in.size(); i += 4) {
+        int v[4];
+        int pad = 0;
+        for (int k = 0; k < 4; ++k) {
+            char c = in[i + k];
+            if (c == '=' && i + 4 == in.size() && k >= 2) {
+                v[k] = 0;
+                ++pad;
+            } else {
+                if (pad) return false;
+                v[k] = b64_value(c);
+                if (v[k] < 0) return false;
+            }
+        }
+        uint32_t w = (uint32_t(v[0]) << 18) | (uint32_t(v[1]) << 12) | (uint32_t(v[2]) << 6) | uint32_t(v[3]);
+        out.push_back(char(w >> 16));
+        if (pad < 2) out.push_back(char((w >> 8) & 0xFF));
+        if (pad < 1) out.push_back(char(w & 0xFF));
+    }
+    return true;
+}
+
+void b64_encode(std::string_view in, std::string& out) {
+    size_t i = 0;
+    for (; i + 3 <= in.size(); i += 3) {
+        uint32_t w = (uint32_t(uint8_t(in[i])) << 16) | (uint32_t(uint8_t(in[i + 1])) << 8) | uint8_t(in[i + 2]);
+        out.push_back(kB64[w >> 18]);
+        out.push_back(kB64[(w >> 12) & 63]);
+        out.push_back(kB64[(w >> 6) & 63]);
+        out.push_back(kB64[w & 63]);
+    }
+    size_t rest = in.size() - i;
+    if (rest) {
+        uint32_t w = uint32_t(uint8_t(in[i])) << 16;
+        if (rest == 2) w |= uint32_t(uint8_t(in[i + 1])) << 8;
+        out.push_back(kB64[w >> 18]);
+        out.push_back(kB64[(w >> 12) & 63]);
+        out.push_back(rest == 2 ? kB64[(w >> 6) & 63] : '=');
+        out.push_back('=');
+    }
+}
+}  // namespace
+
+std::vector<std::pair<std::string, Rank>> Encoder::parse_tiktoken(std::string_view contents) {
+    std::vector<std::pair<std::string, Rank>> out;
+    size_t line_no = 0;
+    size_t pos = 0;
+    std::string token;
+    while (pos < contents.size()) {
+        size_t eol = contents.find('\n', pos);
+        if (eol == std::string_view::npos) eol = contents.size();
+        std::string_view line = contents.substr(pos, eol - pos);
+        pos = eol + 1;
+        ++line_no;
+        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+        if (line.empty()) continue;
+        size_t sp = line.find(' ');
+        if (sp == std::string_view::npos)
+            throw ParseError(line_no, "expected '<base64 token> <rank>', found no space");
+        std::string_view b64 = line.substr(0, sp), num = line.substr(sp + 1);
+        if (!b64_decode(b64, token)) throw ParseError(line_no, "the token is not valid base64");
+        if (num.empty() || num.size() > 10) throw ParseError(line_no, "the rank is not a number below 2**32");
+        uint64_t r = 0;
+        for (char ch : num) {
+            if (ch < '0' || ch > '9') throw ParseError(line_no, "the rank is not a decimal number");
+            r = r * 10 + uint64_t(ch - '0');
+        }
+        if (r >= kNoRank) throw ParseError(line_no, "the rank is not below 2**32 - 1");
+        out.emplace_back(token, Rank(r));
+    }
+    return out;
+}
+
+Encoder::Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<std::pair<std::string, Rank>> specials)
+    : specials_(std::move(specials)) {
+    table_.build(ranks);
+    for (int b = 0; b < 256; ++b) {
+        char c = char(b);
+        if (table_.find(std::string_view(&c, 1)) == kNoRank)
+            throw InvalidArgument("the vocabulary lacks the single byte " + std::to_string(b) +
+                                  "; every one of the 256 bytes must be a token");
+    }
+    uint64_t max_id = 0;
+    for (auto& kv : ranks) max_id = std::max<uint64_t>(max_id, kv.second);
+    for (auto& kv : specials_) {
+        if (kv.first.empty()) throw InvalidArgument("a special token is empty");
+        max_id = std::max<uint64_t>(max_id, kv.second);
+    }
+    n_vocab_ = size_t(max_id) + 1;
+    dec_off_.assign(n_vocab_, 0);
+    dec_len_.assign(n_vocab_, kMissing);
+    size_t total = 0;
+    for (auto& kv : ranks) total += kv.first.size();
+    for (auto& kv : specials_) total += kv.first.size();
+    dec_arena_.reserve(total + kPad);
+    auto add = [&](const std::pair<std::string, Rank>& kv) {
+        if (dec_len_[kv.second] != kMissing)
+            throw InvalidArgument("two tokens have the id " + std::to_string(kv.second));
+        dec_off_[kv.second] = uint32_t(dec_arena_.size());
+        dec_len_[kv.second] = uint32_t(kv.first.size());
+        dec_arena_ += kv.first;
+    };
+    for (auto& kv : ranks) add(kv);
+    for (auto& kv : specials_) add(kv);
+    dec_arena_.append(kPad, '\0');
+}
+
+std::string Encoder::to_tiktoken() const {
+    std::vector<std::pair<Rank, std::string_view>> items;
+    items.reserve(table_.size());
+    std::vector<bool> special(n_vocab_, false);
+    for (auto& kv : specials_) special[kv.second] = true;
+    for (size_t id = 0; id < n_vocab_; ++id)
+        if (dec_len_[id] != kMissing && !special[id])
+            items.emplace_back(Rank(id), std::string_view(dec_arena_.data() + dec_off_[id], dec_len_[id]));
+    std::string out;
+    for (auto& it : items) {
+        b64_encode(it.second, out);
+        out.push_back(' ');
+        out += std::to_string(it.first);
+        out.push_back('\n');
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder: byte-pair merging
+// ---------------------------------------------------------------------------------------------
+
+// The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
+// lowest rank, the leftmost such pair on ties, until no adjacent pair is a token.
+void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    uint32_t st[kSmallPiece + 2];  // part i is [st[i], st[i+1])
+    Rank rk[kSmallPiece + 2];      // rk[i]: rank of parts i and i+1 joined
+    size_t cnt = n + 1;            // boundaries
+    for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
+    auto pair_rank = [&](size_t i) -> Rank {
+        if (i + 2 >= cnt) return kNoRank;
+        return table_.find(p + st[i], st[i + 2] - st[i]);
+    };
+    for (size_t i = 0; i + 1 < cnt; ++i) rk[i] = pair_rank(i);
+    while (cnt > 2) {
+        Rank best = kNoRank;
+        size_t bi = 0;
+        for (size_t i = 0; i + 2 < cnt; ++i)
+            if (rk[i] < best) {
+                best = rk[i];
+                bi = i;
+            }
+        if (best == kNoRank) break;
+        std::memmove(&st[bi + 1], &st[bi + 2], (cnt - bi - 2) * sizeof(st[0]));
+        std::memmove(&rk[bi + 1], &rk[bi + 2], (cnt - bi - 3) * sizeof(rk[0]));
+        --cnt;
+        rk[bi] = pair_rank(bi);
+        if (bi > 0) rk[bi - 1] = pair_rank(bi - 1);
+    }
+    for (size_t i = 0; i + 1 < cnt; ++i) out.push_back(table_.find(p + st[i], st[i + 1] - st[i]));
+}
+
+namespace {
+// Scratch space for long pieces: a bucket queue keyed by (rank, position).
+struct LargeWork {
+    std::vector<uint32_t> nxt, prv;
+    std::vector<Rank> cur;
+    std::vector<std::vector<uint32_t>> fifo;  // positions pushed in increasing order
+    std::vector<uint32_t> fifo_head;
+    std::vector<std::vector<uint32_t>> heap;  // min-heaps of positions pushed later
+    std::vector<uint64_t> bits0, bits1;       // non-empty buckets
+
+    void prepare(size_t n, size_t n_ranks) {
+        nxt.resize(n + 1);
+        prv.resize(n + 1);
+        cur.resize(n + 1);
+        if (fifo.size() < n_ranks) {
+            fifo.resize(n_ranks);
+            fifo_head.resize(n_ranks, 0);
+            heap.resize(n_ranks);
+            bits0.assign((n_ranks + 63) / 64, 0);
+            bits1.assign((bits0.size() + 63) / 64, 0);
+        }
+    }
+    void mark(Rank r) {
+        bits0[r >> 6] |= 1ull << (r & 63);
+        bits1[r >> 12] |= 1ull << ((r >> 6) & 63);
+    }
+    void unmark(Rank r) {
+        bits0[r >> 6] &= ~(1ull << (r & 63));
+        if (bits0[r >> 6] == 0) bits1[r >> 12] &= ~(1ull << ((r >> 6) & 63));
+    }
+    Rank first() const {
+        for (size_t j = 0; j < bits1.size(); ++j)
+            if (bits1[j]) {
+                size_t k = j * 64 + size_t(__builtin_ctzll(bits1[j]));
+                return Rank(k * 64 + size_t(__builtin_ctzll(bits0[k])));
+            }
+        return kNoRank;
+    }
+    void push_initial(Rank r, uint32_t pos) {
+        fifo[r].push_back(pos);
+        mark(r);
+    }
+    void push(Rank r, uint32_t pos) {
+        heap[r].push_back(pos);
+        std::push_heap(heap[r].begin(), heap[r].end(), std::greater<uint32_t>());
+        mark(r);
+    }
+    uint32_t pop(Rank r) {
+        auto& f = fifo[r];
+        auto& h = heap[r];
+        uint32_t& hd = fifo_head[r];
+        uint32_t pos;
+        if (hd < f.size() && (h.empty() || f[hd] < h.front())) {
+            pos = f[hd++];
+        } else {
+            std::pop_heap(h.begin(), h.end(), std::greater<uint32_t>());
+            pos = h.back();
+            h.pop_back();
+        }
+        if (hd >= f.size() && h.empty()) {
+            f.clear();
+            hd = 0;
+            unmark(r);
+        }
+        return pos;
+    }
+};
+}  // namespace
+
+// The same rule as bpe_small in O(n log n): a linked list of parts and a bucket queue.
+void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    thread_local LargeWork w;
+    w.prepare(n, n_vocab_);
+    const uint32_t N = uint32_t(n);
+    for (uint32_t i = 0; i < N; ++i) {
+        w.nxt[i] = i + 1;
+        w.prv[i] = i == 0 ? kMissing : i - 1;
+    }
+    for (uint32_t i = 0; i + 1 < N; ++i) {
+        Rank r = table_.find(p + i, 2);
+        w.cur[i] = r;
+        if (r != kNoRank) w.push_initial(r, i);
+    }
+    w.cur[N - 1] = kNoRank;
+    auto pair_rank = [&](uint32_t i) -> Rank {  // part i joined with the next part
+        uint32_t j = w.nxt[i];
+        if (j >= N) return kNoRank;
+        return table_.find(p + i, w.nxt[j] - i);
+    };
+    for (;;) {
+        Rank r = w.first();
+        if (r == kNoRank) break;
+        uint32_t pos = w.pop(r);
+        if (w.cur[pos] != r) continue;  // stale entry
+        uint32_t q = w.nxt[pos];
+        uint32_t after = w.nxt[q];
+        w.nxt[pos] = after;
+        if (after < N) w.prv[after] = pos;
+        w.cur[q] = kNoRank;
+        w.nxt[q] = kMissing;
+        Rank nr = pair_rank(pos);
+        w.cur[pos] = nr;
+        if (nr != kNoRank) w.push(nr, pos);
+        uint32_t pp = w.prv[pos];
+        if (pp != kMissing) {
+            Rank pr = pair_rank(pp);
+            w.cur[pp] = pr;
+            if (pr != kNoRank) w.push(pr, pp);
+        }
+    }
+    for (uint32_t i = 0; i < N; i = w.nxt[i]) out.push_back(table_.find(p + i, w.nxt[i] - i));
+}
+
+void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    Rank r = table_.find(p, n);
+    if (r != kNoRank) {
+        out.push_back(r);
+    } else if (n <= kSmallPiece) {
+        bpe_small(p, n, out);
+    } else {
+        bpe_large(p, n, out);
+    }
+}
+
+void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
+    const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+    out.reserve(out.size() + text.size() / 3 + 16);
+    size_t pos = 0;
+    while (pos < text.size()) {
+        size_t end = gpt2_piece_end(text, pos);
+        encode_piece(s + pos, end - pos, out);
+        pos = end;
+    }
+}
+
+void Encoder::encode(std::string_view text, const std::vector<bool>& allowed, std::vector<Rank>& out) const {
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < specials_.size() && i < allowed.size(); ++i)
+        if (allowed[i]) idx.push_back(i);
+    if (idx.empty()) return encode_ordinary(text, out);
+    std::vector<size_t> next(idx.size(), 0);
+    std::vector<bool> fresh(idx.size(), false);
+    size_t pos = 0;
+    for (;;) {
+        // The leftmost occurrence of an allowed special token; the longest on ties.
+        size_t best = std::string_view::npos, best_len = 0, best_k = 0;
+        for (size_t k = 0; k < idx.size(); ++k) {
+            const std::string& sp = specials_[idx[k]].first;
+            if (!fresh[k] || (next[k] != std::string_view::npos && next[k] < pos)) {
+                next[k] = text.find(sp, pos);
+                fresh[k] = true;
+            }
+            if (next[k] == std::string_view::npos) continue;
+            if (next[k] < best || (next[k] == best && sp.size() > best_len)) {
+                best = next[k];
+                best_len = sp.size();
+                best_k = k;
+            }
+        }
+        if (best == std::string_view::npos) {
+            encode_ordinary(text.substr(pos), out);
+            return;
+        }
+        encode_ordinary(text.substr(pos, best - pos), out);
+        out.push_back(specials_[idx[best_k]].second);
+        pos = best + best_len;
+    }
+}
+
+std::vector<std::vector<Rank>> Encoder::encode_batch(const std::vector<std::string_view>& texts,
+                                                     const std::vector<bool>* allowed, int num_threads) const {
+    std::vector<std::vector<Rank>> out(texts.size());
+    std::atomic<size_t> next{0};
+    auto work = [&]() {
+        for (;;) {
+            size_t i = next.fetch_add(1);
+            if (i >= texts.size()) return;
+            if (allowed)
+                encode(texts[i], *allowed, out[i]);
+            else
+                encode_ordinary(texts[i], out[i]);
+        }
+    };
+    size_t nt = std::max(1, num_threads);
+    nt = std::min(nt, texts.size());
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < nt; ++t) threads.emplace_back(work);
+    work();
+    for (auto& t : threads) t.join();
+    return out;
+}
+
+size_t Encoder::count_ordinary(std::string_view text) const {
+    thread_local std::vector<Rank> buf;
+    buf.clear();
+    encode_ordinary(text, buf);
+    return buf.size();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder: decoding
+// ---------------------------------------------------------------------------------------------
+
+size_t Encoder::decoded_size(const Rank* ids, size_t n) const {
+    size_t total = 0;
+    const uint32_t* len = dec_len_.data();
+    const size_t nv = n_vocab_;
+    for (size_t i = 0; i < n; ++i) {
+        Rank id = ids[i];
+        if (id >= nv || len[id] == kMissing) throw UnknownToken(id);
+        total += len[id];
+    }
+    return total;
+}
+
+void Encoder::decode_to(const Rank* ids, size_t n, char* dst, size_t size) const {
+    const char* arena = dec_arena_.data();
+    char* d = dst;
+    char* const end = dst + size;
+    for (size_t i = 0; i < n; ++i) {
+        const Rank id = ids[i];
+        const uint32_t len = dec_len_[id];
+        const char* src = arena + dec_off_[id];
+        if (len <= 16 && end - d >= 16) {
+            std::memcpy(d, src, 16);  // a fixed-size copy; the arena is padded and the bytes past len are overwritten next
+        } else {
+            std::memcpy(d, src, len);
+        }
+        d += len;
+    }
+}
+
+std::string Encoder::token_bytes(uint64_t id) const {
+    if (id >= n_vocab_ || dec_len_[id] == kMissing) throw UnknownToken(id);
+    return std::string(dec_arena_.data() + dec_off_[id], dec_len_[id]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+// Calls fn(segment) for each stretch of `text` between occurrences of `specials`.
+template <class F>
+void cut_specials(std::string_view text, const std::vector<std::string>& specials, F&& fn) {
+    size_t pos = 0;
+    while (pos <= text.size()) {
+        size_t best = std::string_view::npos, best_len = 0;
+        for (auto& sp : specials) {
+            size_t f = text.find(sp, pos);
+            if (f != std::string_view::npos && (f < best || (f == best && sp.size() > best_len))) {
+                best = f;
+                best_len = sp.size();
+            }
+        }
+        if (best == std::string_view::npos) {
+            if (pos < text.size()) fn(text.substr(pos));
+            return;
+        }
+        if (best > pos) fn(text.substr(pos, best - pos));
+        pos = best + best_len;
+    }
+}
+}  // namespace
+
+PieceCounts count_pieces(const std::vector<std::string_view>& texts, const std::vector<std::string>& specials,
+                         int num_threads) {
+    size_t nt = size_t(std::max(1, num_threads));
+    nt = std::max<size_t>(1, std::min(nt, texts.size()));
+    std::vector<std::unordered_map<std::string_view, uint64_t>> maps(nt);
+    std::atomic<size_t> next{0};
+    auto work = [&](size_t t) {
+        auto& m = maps[t];
+        for (;;) {
+            size_t i = next.fetch_add(1);
+            if (i >= texts.size()) return;
+            cut_specials(texts[i], specials, [&](std::string_view seg) {
+                split_gpt2(seg, [&](size_t b, size_t e) { ++m[seg.substr(b, e - b)]; });
+            });
+        }
+    };
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < nt; ++t) threads.emplace_back(work, t);
+    work(0);
+    for (auto& t : threads) t.join();
+    for (size_t t = 1; t < nt; ++t) {
+        for (auto& kv : maps[t]) maps[0][kv.first] += kv.second;
+        maps[t].clear();
+    }
+    std::vector<std::pair<std::string_view, uint64_t>> items(maps[0].begin(), maps[0].end());
+    maps[0].clear();
+    std::sort(items.begin(), items.end());
+    PieceCounts out;
+    out.pieces.reserve(items.size());
+    out.counts.reserve(items.size());
+    for (auto& kv : items) {
+        out.pieces.emplace_back(kv.first);
+        out.counts.push_back(kv.second);
+    }
+    return out;
+}
+
+namespace {
+inline uint64_t pair_key(uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; }
+
+struct Candidate {
+    int64_t count;
+    uint32_t a, b;
+};
+}  // namespace
+
+std::vector<std::string> train_bpe(const PieceCounts& corpus, size_t num_merges,
+                                   const std::function<void(size_t)>& progress) {
+    std::vector<std::string> vocab(256);
+    for (int b = 0; b < 256; ++b) vocab[b] = std::string(1, char(b));
+    std::unordered_map<std::string, uint32_t> id_of;
+    for (uint32_t b = 0; b < 256; ++b) id_of[vocab[b]] = b;
+
+    const size_t nw = corpus.pieces.size();
+    std::vector<std::vector<uint32_t>> words(nw);
+    std::vector<int64_t> wcount(nw);
+    std::unordered_map<uint64_t, int64_t> counts;
+    std::unordered_map<uint64_t, std::vector<uint32_t>> where;
+    for (size_t w = 0; w < nw; ++w) {
+        const std::string& s = corpus.pieces[w];
+        words[w].assign(reinterpret_cast<const uint8_t*>(s.data()), reinterpret_cast<const uint8_t*>(s.data()) + s.size());
+        wcount[w] = int64_t(corpus.counts[w]);
+        for (size_t i = 0; i + 1 < s.size(); ++i) {
+            uint64_t k = pair_key(words[w][i], words[w][i + 1]);
+            counts[k] += wcount[w];
+            auto& lst = where[k];
+            if (lst.empty() || lst.back() != w) lst.push_back(uint32_t(w));
+        }
+    }
+    // Best first: the highest count, then the smallest (bytes(a), bytes(b)).
+    auto worse = [&](const Candidate& x, const Candidate& y) {
+        if (x.count != y.count) return x.count < y.count;
+        int c = vocab[x.a].compare(vocab[y.a]);
+        if (c != 0) return c > 0;
+        return vocab[x.b].compare(vocab[y.b]) > 0;
+    };
+    std::priority_queue<Candidate, std::vector<Candidate>, decltype(worse)> heap(worse);
+    for (auto& kv : counts)
+        if (kv.second > 0) heap.push(Candidate{kv.second, uint32_t(kv.first >> 32), uint32_t(kv.first)});
+
+    std::vector<std::string> merged;
+    std::vector<uint32_t> stamp(nw, 0);
+    uint32_t step = 0;
+    std::unordered_map<uint64_t, int64_t> delta;
+    std::vector<uint32_t> tmp;
+    while (merged.size() < num_merges && !heap.empty()) {
+        Candidate c = heap.top();
+        heap.pop();
+        const uint64_t key = pair_key(c.a, c.b);
+        auto it = counts.find(key);
+        if (it == counts.end() || it->second != c.count) continue;  // stale
+        std::string bytes = vocab[c.a] + vocab[c.b];
+        uint32_t id;
+        auto found = id_of.find(bytes);
+        if (found != id_of.end()) {
+            id = found->second;
+        } else {
+            id = uint32_t(vocab.size());
+            vocab.push_back(bytes);
+            id_of.emplace(bytes, id);
+            merged.push_back(bytes);
+        }
+        ++step;
+        delta.clear();
+        std::vector<uint32_t> lst;
+        lst.swap(where[key]);
+        where.erase(key);
+        for (uint32_t w : lst) {
+            if (stamp[w] == step) continue;
+            stamp[w] = step;
+            auto& word = words[w];
+            const int64_t wc = wcount[w];
+            bool has = false;
+            for (size_t i = 0; i + 1 < word.size(); ++i)
+                if (word[i] == c.a && word[i + 1] == c.b) {
+                    has = true;
+                    break;
+                }
+            if (!has) continue;
+            for (size_t i = 0; i + 1 < word.size(); ++i) delta[pair_key(word[i], word[i + 1])] -= wc;
+            tmp.clear();
+            for (size_t i = 0; i < word.size();) {
+                if (i + 1 < word.size() && word[i] == c.a && word[i + 1] == c.b) {
+                    tmp.push_back(id);
+                    i += 2;
+                } else {
+                    tmp.push_back(word[i]);
+                    ++i;
+                }
+            }
+            word.swap(tmp);
+            for (size_t i = 0; i + 1 < word.size(); ++i) {
+                uint64_t k = pair_key(word[i], word[i + 1]);
+                delta[k] += wc;
+                if (word[i] == id || word[i + 1] == id) {
+                    auto& l = where[k];
+                    if (l.empty() || l.back() != w) l.push_back(w);
+                }
+            }
+        }
+        for (auto& kv : delta) {
+            if (kv.second == 0) continue;
+            int64_t& cnt = counts[kv.first];
+            cnt += kv.second;
+            if (cnt > 0) {
+                heap.push(Candidate{cnt, uint32_t(kv.first >> 32), uint32_t(kv.first)});
+            } else {
+                counts.erase(kv.first);
+            }
+        }
+        if (progress && (step % 64 == 0)) progress(merged.size());
+    }
+    if (progress) progress(merged.size());
+    return merged;
+}
+
+}  // namespace gptfast

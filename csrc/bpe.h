@@ -1,0 +1,150 @@
+// gptfast's byte-pair-encoding core: plain C++17, no Python.
+//
+// * `split_gpt2`   -- a hand-written splitter for the GPT-2 pattern
+//                     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+//                     (linear time, no backtracking, Unicode 16.0 classes).
+// * `Encoder`      -- byte-level BPE with a rank table: each piece is merged by repeatedly joining the
+//                     adjacent pair whose concatenation has the lowest rank (leftmost on ties).
+// * `train_bpe`    -- learns merges from a corpus with incremental pair counts.
+//
+// All text given to the core is UTF-8. Invalid UTF-8 never crashes anything: a stray byte counts
+// as one character of class OTHER.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace gptfast {
+
+using Rank = uint32_t;
+constexpr Rank kNoRank = 0xFFFFFFFFu;
+
+enum CharClass : uint8_t { kOther = 0, kLetter = 1, kNumber = 2, kSpace = 3 };
+
+// Class of the code point `cp` (cp < 0x110000).
+CharClass char_class(uint32_t cp);
+
+// Length in bytes of the piece of `text` that starts at byte `pos` (pos < text.size()).
+size_t gpt2_piece_end(std::string_view text, size_t pos);
+
+// Calls `fn(begin, end)` for every piece of `text`, in order.
+template <class F>
+inline void split_gpt2(std::string_view text, F&& fn) {
+    size_t pos = 0;
+    while (pos < text.size()) {
+        size_t end = gpt2_piece_end(text, pos);
+        fn(pos, end);
+        pos = end;
+    }
+}
+
+// A malformed ranks file: `line` is 1-based.
+struct ParseError : std::runtime_error {
+    size_t line;
+    ParseError(size_t line_, const std::string& what) : std::runtime_error(what), line(line_) {}
+};
+
+// An id that has no token.
+struct UnknownToken : std::runtime_error {
+    uint64_t id;
+    explicit UnknownToken(uint64_t id_) : std::runtime_error("unknown token id"), id(id_) {}
+};
+
+// Bad arguments (duplicate ids, a special token that is also ordinary text, ...).
+struct InvalidArgument : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+// Open-addressing hash table from byte strings to ranks.
+class RankTable {
+  public:
+    void build(const std::vector<std::pair<std::string, Rank>>& items);
+    Rank find(const uint8_t* p, size_t n) const;
+    Rank find(std::string_view s) const { return find(reinterpret_cast<const uint8_t*>(s.data()), s.size()); }
+    size_t size() const { return count_; }
+
+  private:
+    struct Slot {
+        uint64_t head;  // the first (up to) 8 bytes, zero-padded
+        uint32_t len;   // 0 marks an empty slot
+        Rank rank;
+        uint32_t offset;  // of the bytes in arena_
+    };
+    std::vector<Slot> slots_;
+    std::string arena_;
+    uint64_t mask_ = 0;
+    size_t count_ = 0;
+};
+
+class Encoder {
+  public:
+    // `ranks`: token bytes -> rank (the rank is the token id); `specials`: text -> id.
+    Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<std::pair<std::string, Rank>> specials);
+
+    // Parses the ".tiktoken" format: one "<base64 bytes> <rank>" per line. Throws ParseError.
+    static std::vector<std::pair<std::string, Rank>> parse_tiktoken(std::string_view contents);
+    // The same format, ordered by rank.
+    std::string to_tiktoken() const;
+
+    // Encodes without looking for special tokens.
+    void encode_ordinary(std::string_view text, std::vector<Rank>& out) const;
+    // Encodes, turning occurrences of the special tokens with `allowed[i]` true (i indexes
+    // `specials()`) into their ids.
+    void encode(std::string_view text, const std::vector<bool>& allowed, std::vector<Rank>& out) const;
+    // One vector per text, on up to `num_threads` threads.
+    std::vector<std::vector<Rank>> encode_batch(const std::vector<std::string_view>& texts,
+                                                const std::vector<bool>* allowed, int num_threads) const;
+    // BPE of a single piece (no splitting), appended to `out`.
+    void encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
+    // Number of tokens, without storing them (to measure the core on its own).
+    size_t count_ordinary(std::string_view text) const;
+
+    // Byte length of the decoded ids; throws UnknownToken.
+    size_t decoded_size(const Rank* ids, size_t n) const;
+    // Writes the bytes of `ids` (checked by decoded_size) to `dst`, which holds `size` bytes.
+    void decode_to(const Rank* ids, size_t n, char* dst, size_t size) const;
+    std::string token_bytes(uint64_t id) const;  // throws UnknownToken
+
+    Rank rank_of(std::string_view bytes) const { return table_.find(bytes); }
+    size_t n_vocab() const { return n_vocab_; }             // max id + 1
+    size_t n_ranks() const { return table_.size(); }        // ordinary tokens
+    const std::vector<std::pair<std::string, Rank>>& specials() const { return specials_; }
+
+  private:
+    void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
+    void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
+
+    RankTable table_;
+    std::vector<std::pair<std::string, Rank>> specials_;
+    // decoder: id -> [offset, offset+len) in dec_arena_ (len 0xFFFFFFFF: no such token)
+    std::vector<uint32_t> dec_off_, dec_len_;
+    std::string dec_arena_;
+    size_t n_vocab_ = 0;
+};
+
+// Counts of distinct pieces of a corpus (the input of the trainer).
+struct PieceCounts {
+    std::vector<std::string> pieces;
+    std::vector<uint64_t> counts;
+};
+
+// Splits `texts` with the GPT-2 pattern, cutting out every occurrence of `specials` first, and
+// counts each distinct piece. Sorted by piece bytes, so the result does not depend on threads.
+PieceCounts count_pieces(const std::vector<std::string_view>& texts, const std::vector<std::string>& specials,
+                         int num_threads);
+
+// Learns up to `num_merges` merges. The result lists the new tokens' bytes in rank order
+// (ranks 256, 257, ...; ranks 0..255 are the single bytes). Each step merges the pair with the
+// highest count; ties go to the smallest (bytes(left), bytes(right)). A pair whose bytes already
+// form a token is merged into that token without taking a new rank. Stops early when no pair is
+// left. `progress(done)` is called now and then.
+std::vector<std::string> train_bpe(const PieceCounts& corpus, size_t num_merges,
+                                   const std::function<void(size_t)>& progress);
+
+}  // namespace gptfast
