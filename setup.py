@@ -72,6 +72,7 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            "pytest-xdist",
             "hypothesis",
             "transformers",
             "tiktoken==0.14.0",
