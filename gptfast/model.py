@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from . import ops, reference
 from .config import GPTConfig
@@ -93,14 +94,20 @@ class MultiHeadAttention(nn.Module):
         b, num_tokens, _ = x.shape
         return x.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, return_attn_weights=False):
+    def forward(self, x, return_attn_weights=False, cache=None, layer=0):
+        """(B, T, d_in) -> (B, T, d_out). With a :class:`~gptfast.kv_cache.KVCache`, this call's keys and
+        values are appended to the cache's entry ``layer`` and the queries attend to everything cached."""
         b, num_tokens, _ = x.shape  # (B, T, d_in)
         keys = self.split_heads(self.W_key(x))  # (B, H, T, D)
         queries = self.split_heads(self.W_query(x))  # (B, H, T, D)
         values = self.split_heads(self.W_value(x))  # (B, H, T, D)
+        cache_seqlens = None
+        if cache is not None:
+            keys, values, cache_seqlens = cache.update(layer, keys, values)  # (B, H, T_cached, D), (B,)
         dropout_p = self.dropout.p if self.training else 0.0
         out = ops.causal_attention(
-            queries, keys, values, dropout_p=dropout_p, return_weights=return_attn_weights, backend=self.backend
+            queries, keys, values, dropout_p=dropout_p, cache_seqlens=cache_seqlens,
+            return_weights=return_attn_weights, backend=self.backend,
         )
         context_vec, attn_weights = out if return_attn_weights else (out, None)
         context_vec = context_vec.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)  # (B, T, d_out)
@@ -123,8 +130,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim, backend=backend)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, return_attn_weights=False):  # (B, T, E) -> (B, T, E)
-        att = self.att(self.norm1(x), return_attn_weights=return_attn_weights)
+    def forward(self, x, return_attn_weights=False, cache=None, layer=0):  # (B, T, E) -> (B, T, E)
+        att = self.att(self.norm1(x), return_attn_weights=return_attn_weights, cache=cache, layer=layer)
         att, weights = att if return_attn_weights else (att, None)
         # x + drop(att) and norm2 of that sum, in one fused pass on the triton backend
         x, h = ops.add_layer_norm(x, self.drop_shortcut(att), self.norm2.scale, self.norm2.shift,
@@ -176,6 +183,8 @@ class GPTModel(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         self._backend = None
         self.set_backend(backend)
+        # Recompute each block in the backward pass instead of keeping its activations (training only).
+        self.gradient_checkpointing = False
 
     @property
     def backend(self):
@@ -210,21 +219,35 @@ class GPTModel(nn.Module):
         if in_idx.device != device:
             raise ValueError(f"the token ids are on {in_idx.device} but the model is on {device}; move one of them")
 
-    def forward(self, in_idx, return_attn_weights=False):
+    def forward(self, in_idx, return_attn_weights=False, cache=None):
         """(B, T) token ids -> (B, T, vocab_size) logits; with ``return_attn_weights`` also a list with
-        each block's (B, H, T, T) attention weights (computed by the reference attention)."""
+        each block's (B, H, T, T) attention weights (computed by the reference attention).
+
+        With ``cache`` (a :class:`~gptfast.kv_cache.KVCache`) the tokens continue each row's cached
+        ones: token i of row b sits at position ``cache.seqlens[b] + i``, and the cache then holds them too.
+        """
         self.check_input(in_idx)
         batch_size, seq_len = in_idx.shape
         tok_embeds = self.tok_emb(in_idx)  # (B, T, E)
-        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))  # (T, E)
+        if cache is None:
+            pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))  # (T, E)
+        else:
+            cache.check_room(seq_len)
+            pos_embeds = self.pos_emb(cache.positions(seq_len))  # (B, T, E), each row from its own offset
         x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, E)
         weights = []
-        for block in self.trf_blocks:
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for layer, block in enumerate(self.trf_blocks):
             if return_attn_weights:
-                x, w = block(x, return_attn_weights=True)
+                x, w = block(x, return_attn_weights=True, cache=cache, layer=layer)
                 weights.append(w)
+            elif checkpointing:
+                # dropout replays in the recomputation: checkpoint restores torch's RNG state first
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache=cache, layer=layer)
+        if cache is not None:
+            cache.advance(seq_len)
         x = self.final_norm(x)
         logits = self.out_head(x)  # (B, T, vocab_size)
         return (logits, weights) if return_attn_weights else logits
