@@ -24,33 +24,38 @@ backtracking engine needs quadratic time (or crashes) on a long whitespace run.
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
 from typing import Callable, Iterable
 
-from ._unicode_tables import LETTER, NUMBER, OTHER, RANGES, SPACE
+from ._unicode_tables import LETTER, NUMBER, OTHER, RANGES, SPACE  # noqa: F401 (re-exported)
 
 __all__ = ["char_class", "split_gpt2", "bpe", "encode_ordinary", "train", "cut_specials", "GPT2_PATTERN"]
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-_STARTS = [r[0] for r in RANGES]
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def _class_table() -> bytearray:
+    """One byte per code point: its class (built once from the generated ranges, about 1 MB)."""
+    table = bytearray(0x110000)  # 0 is OTHER
+    for first, last, cls in RANGES:
+        table[first:last + 1] = bytes([cls]) * (last - first + 1)
+    return table
+
+
+_CLASS = _class_table()
 
 
 def char_class(ch: str) -> int:
     """``LETTER``, ``NUMBER``, ``SPACE`` or ``OTHER`` for one character (Unicode 16.0)."""
-    cp = ord(ch)
-    i = bisect.bisect_right(_STARTS, cp) - 1
-    if i >= 0 and RANGES[i][0] <= cp <= RANGES[i][1]:
-        return RANGES[i][2]
-    return OTHER
+    return _CLASS[ord(ch)]
 
 
 def _run_end(text: str, i: int, cls: int) -> int:
     """Index just past the run of characters of class ``cls`` starting at ``i``."""
     n = len(text)
-    while i < n and char_class(text[i]) == cls:
+    while i < n and _CLASS[ord(text[i])] == cls:
         i += 1
     return i
 

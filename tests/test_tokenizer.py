@@ -1,0 +1,422 @@
+"""gptfast.Tokenizer against tiktoken (the oracle) and the pure-Python reference.
+
+The exactness tests ask for ``impl="fast"`` by name, so they fail (not fall back) when the C++
+extension is missing.
+"""
+
+import pickle
+import random
+
+import pytest
+
+tiktoken = pytest.importorskip("tiktoken")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gptfast import bpe_reference  # noqa: E402
+from gptfast.tokenizer import Tokenizer  # noqa: E402
+
+SCALARS = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return Tokenizer.gpt2(impl="fast")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return Tokenizer.gpt2(impl="reference")
+
+
+def chunks(items, n):
+    step = (len(items) + n - 1) // n
+    return [items[i:i + step] for i in range(0, len(items), step)]
+
+
+# --------------------------------------------------------------------------- every code point
+
+# Each code point c in several contexts; "\n" between items keeps pieces short.
+CONTEXTS = [
+    lambda c: f"a{c}b",        # inside a word: is c a letter?
+    lambda c: f" {c}{c}1",     # after a space, doubled, before a digit: the ' ?' rule, runs, \p{N}
+    lambda c: f"1{c}!",        # between a digit and punctuation
+    lambda c: f"  {c}\t{c}x",  # after a whitespace run, around a tab: \s+(?!\S) and White_Space
+]
+
+
+@pytest.mark.parametrize("ctx", range(len(CONTEXTS)))
+def test_every_scalar_value_matches_tiktoken(enc, fast, ctx):
+    for part in chunks(SCALARS, 4):
+        text = "\n".join(CONTEXTS[ctx](chr(c)) for c in part)
+        assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+def _boundary_vocab():
+    """All bytes, plus (any byte + marker) for a few markers: a merge across a piece boundary is
+    impossible, so the ids reveal exactly where the splitter cut."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for m in b"a1!\t ":
+        for b in range(256):
+            ranks.setdefault(bytes([b, m]), len(ranks))
+    return ranks
+
+
+def test_every_scalar_value_class_matches_tiktoken():
+    """The Unicode 16.0 tables against tiktoken's own regex engine, code point by code point."""
+    ranks = _boundary_vocab()
+    pat = tiktoken.get_encoding("gpt2")._pat_str
+    oracle = tiktoken.Encoding("boundaries", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+    mine = Tokenizer(ranks, {}, name="boundaries", impl="fast")
+    for marker in ("a", "1", "!", "\t\tx", " a"):
+        for part in chunks(SCALARS, 4):
+            text = "x".join(f"{chr(c)}{marker}" for c in part)
+            assert mine.encode_ordinary(text) == oracle.encode_ordinary(text), repr(marker)
+
+
+def test_reference_splitter_matches_core_on_every_scalar_value():
+    from gptfast import _bpe
+
+    text = "".join(f"{chr(c)}{chr(c)} \t" for c in SCALARS)
+    ours = bpe_reference.split_gpt2(text)
+    assert [p.encode("utf-8") for p in ours] == _bpe.split_gpt2(text)
+
+
+# --------------------------------------------------------------------------- the pattern's rules
+
+RULES = [
+    # whitespace: the last whitespace character goes to the next word; only U+0020 attaches
+    "a  b", "a   b", "a\tb", "a \tb", "a\t b", "a\u00a0b", "a \u00a0b", "a\u3000b", "a \u3000b",
+    "a\n\nb", "a \n b", "a  ", "  ", " ", "\t", "x\t\t", " \n", "a\r\nb", "a \r\n  b", "a\u2028b",
+    "\u0085x", "a\u200bb", "a\ufeffb", "a\u180eb", "a\u1680b", "a\u2000\u2001 b", "  !", " \t!",
+    "a\x1cb", "a\x1fb", "\x0b\x0cx", "end \n",
+    # contractions: ASCII apostrophe, lowercase, at a piece start
+    "don't", "I'm", "we're", "they've", "she'll", "he'd", "it's", "DON'T", "I'M", "it'S", "x'Ll",
+    "'s", "''s", "'", "'ll", "'l", "'re'", "a'sb", "!'s", " 's", "it\u2019s", "it`s", "'''",
+    # numbers: one run, no chunking into 1-3 digits
+    "1234567890123", " 2024", "x2", "²³", "½¼", "ⅫⅣ", "٣٤٥", "१२३", "𝟘𝟙", "1.5", "-3", "3rd",
+    "①②", "1,000,000",
+    # marks, emoji, punctuation, control characters
+    "e\u0301", "cafe\u0301!", " \u0301", "👩\u200d💻", "👍🏽", "🇺🇸", "\u200d", "a\ufe0fb", "¡Hola!",
+    "...", "!!!???", "\x00\x01\x02", "a\x00b", "\x7f", "<|endoftext|>", "日本語のテキスト", "한국어",
+    "Ελληνικά", "עברית", "العربية", "ไทย", "ᚠᛇᚻ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Ǆǅǆ", "ʰʲ", "ᴬᴮ", "ⓐⓑ",
+]
+
+
+@pytest.mark.parametrize("text", RULES)
+def test_pattern_rules(enc, fast, ref, text):
+    expected = enc.encode_ordinary(text)
+    assert fast.encode_ordinary(text) == expected
+    assert ref.encode_ordinary(text) == expected
+    assert fast.decode(expected) == text
+
+
+def test_whitespace_class_is_exactly_white_space():
+    from gptfast._unicode_tables import SPACE
+
+    ws = {c for c in SCALARS if bpe_reference.char_class(chr(c)) == SPACE}
+    assert ws == {*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+                  0x205F, 0x3000}
+
+
+# --------------------------------------------------------------------------- special tokens
+
+def test_special_tokens(enc, fast, ref):
+    text = "hi<|endoftext|> there<|endoftext|>"
+    for tok in (fast, ref):
+        assert tok.encode(text, allowed_special={"<|endoftext|>"}) == enc.encode(text, allowed_special={"<|endoftext|>"})
+        assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+        assert tok.encode(text, disallowed_special=()) == enc.encode(text, disallowed_special=())
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+        with pytest.raises(ValueError, match="<|endoftext|>"):
+            tok.encode(text)
+        with pytest.raises(ValueError):
+            enc.encode(text)
+        assert (tok.encode_to_numpy(text, allowed_special="all").tolist()
+                == enc.encode_to_numpy(text, allowed_special="all").tolist())
+        assert tok.encode_to_numpy("x").dtype == enc.encode_to_numpy("x").dtype
+        assert tok.special_tokens_set == enc.special_tokens_set
+        assert tok.eot_token == enc.eot_token == 50256
+        assert tok.n_vocab == enc.n_vocab
+        assert tok.decode([50256]) == "<|endoftext|>"
+
+
+def test_several_special_tokens_leftmost_longest():
+    ranks = {bytes([b]): b for b in range(256)}
+    specials = {"<a>": 256, "<a><b>": 257, "<b>": 258}
+    tiktoken_enc = tiktoken.Encoding("s", pat_str=tiktoken.get_encoding("gpt2")._pat_str, mergeable_ranks=ranks,
+                                     special_tokens={"<b>": 258})
+    for impl in ("fast", "reference"):
+        tok = Tokenizer(ranks, specials, impl=impl)
+        assert tok.encode("x<a><b>y<b>", allowed_special="all") == [120, 257, 121, 258]
+        assert tok.encode("x<a>", allowed_special={"<a>"}) == [120, 256]
+        with pytest.raises(ValueError, match="<a><b>"):
+            tok.encode("x<a><b>")
+        # with one special token, the same as tiktoken
+        one = Tokenizer(ranks, {"<b>": 258}, impl=impl)
+        for text in ("a<b>b<b>", "<b><b>", "<<b>>"):
+            assert one.encode(text, allowed_special="all") == tiktoken_enc.encode(text, allowed_special="all")
+
+
+# --------------------------------------------------------------------------- batches, decoding, errors
+
+def test_batches(enc, fast, ref):
+    texts = ["hello world", "", "<|endoftext|> x", "日本語 " * 50, "a" * 300] * 5
+    for tok in (fast, ref):
+        assert tok.encode_ordinary_batch(texts, num_threads=2) == enc.encode_ordinary_batch(texts, num_threads=2)
+        assert (tok.encode_batch(texts, num_threads=2, allowed_special="all")
+                == enc.encode_batch(texts, num_threads=2, allowed_special="all"))
+        ids = enc.encode_ordinary_batch(texts)
+        assert tok.decode_batch(ids) == enc.decode_batch(ids) == texts
+        with pytest.raises(ValueError):
+            tok.encode_batch(texts)
+
+
+def test_decode(enc, fast, ref):
+    text = "Ünïcödé 😀 text\n\twith bytes"
+    ids = enc.encode(text)
+    for tok in (fast, ref):
+        assert tok.decode_bytes(ids) == enc.decode_bytes(ids)
+        assert tok.decode(ids) == text
+        assert tok.decode([]) == ""
+        assert tok.decode_bytes(tuple(ids)) == text.encode()
+        # a token cut in the middle of a character
+        part = [enc.encode("😀")[0]]
+        assert tok.decode(part) == enc.decode(part)
+        assert tok.decode(part, errors="ignore") == enc.decode(part, errors="ignore")
+        for t in (0, 100, 995, 50256):
+            assert tok.decode_single_token_bytes(t) == enc.decode_single_token_bytes(t)
+        assert [tok.decode_single_token_bytes(t) for t in ids] == enc.decode_tokens_bytes(ids)
+        assert tok.encode_single_token(" world") == enc.encode_single_token(" world")
+
+
+@pytest.mark.parametrize("bad,error", [([50257], KeyError), ([10**6], KeyError), ([-1], OverflowError),
+                                      ([2**32], OverflowError), ([2**70], OverflowError)])
+def test_decode_errors_match_tiktoken(enc, fast, ref, bad, error):
+    with pytest.raises(error):
+        enc.decode(bad)
+    for tok in (fast, ref):
+        with pytest.raises(error):
+            tok.decode([1, *bad])
+
+
+def test_single_token_errors(enc, fast, ref):
+    for tok in (fast, ref, enc):
+        with pytest.raises(KeyError):
+            tok.decode_single_token_bytes(60000)
+
+
+@pytest.mark.parametrize("method", ["encode", "encode_ordinary", "encode_to_numpy"])
+def test_non_str_raises_type_error(enc, fast, ref, method):
+    for tok in (enc, fast, ref):
+        for arg in (5, b"bytes", None):
+            with pytest.raises(TypeError):
+                getattr(tok, method)(arg)
+
+
+def test_surrogates(enc, fast, ref):
+    for text in ("a\ud83d\ude00b", "a\ud800b", "\udc00", "x\ud83dy\ude00", "\ud800\ud800\udfff"):
+        expected = enc.encode(text)
+        for tok in (fast, ref):
+            assert tok.encode(text) == expected
+            assert tok.encode_ordinary(text) == expected
+            assert tok.encode_ordinary_batch([text, "ok"]) == [expected, enc.encode("ok")]
+            assert tok.encode_to_numpy(text).tolist() == expected
+
+
+# --------------------------------------------------------------------------- real text, random text
+
+def test_the_verdict(enc, fast, ref, shared_data):
+    text = (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
+    expected = enc.encode(text)
+    assert len(expected) == 5145
+    assert fast.encode(text) == expected
+    assert ref.encode(text) == expected
+    assert fast.encode_to_numpy(text).tolist() == expected
+    assert fast.decode(expected) == text
+
+
+HOSTILE = [
+    "a", "Z", "é", "ß", "中", "ア", "Ω", " ", "  ", "\t", "\n", "\r", "\r\n", "\u00a0", "\u3000", "\u2028", "\u0085",
+    "\x0b", "'", "s", "t", "re", "ve", "ll", "m", "d", "S", "1", "9", "²", "½", "Ⅻ", "٣", "!", "?", ".", "-", "`",
+    "\u0301", "\u200d", "\ufe0f", "😀", "👩", "💻", "🏽", "\x00", "\x1b", "\x7f", "\ud800", "\udfff", "\ud83d",
+    "<|endoftext|>", "<|", "|>", "\U0010ffff", "\ufffd", "ǅ", "𝟙",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(HOSTILE), max_size=60).map("".join))
+def test_hypothesis_hostile_alphabet(text):
+    enc, fast, ref = _shared()
+    expected = enc.encode(text, disallowed_special=())
+    assert fast.encode(text, disallowed_special=()) == expected
+    assert ref.encode(text, disallowed_special=()) == expected
+    assert fast.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=200))
+def test_hypothesis_any_text(text):
+    enc, fast, ref = _shared()
+    expected = enc.encode_ordinary(text)
+    assert fast.encode_ordinary(text) == expected
+    assert ref.encode_ordinary(text) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="abcdeé中 ", min_size=100, max_size=2000).map(lambda s: s.replace(" ", "")))
+def test_hypothesis_long_pieces(text):
+    """Long pieces take the O(n log n) merge path; it must match the quadratic one exactly."""
+    enc, fast, _ = _shared()
+    assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+_SHARED = {}
+
+
+def _shared():
+    if not _SHARED:
+        _SHARED["v"] = (tiktoken.get_encoding("gpt2"), Tokenizer.gpt2(impl="fast"), Tokenizer.gpt2(impl="reference"))
+    return _SHARED["v"]
+
+
+# --------------------------------------------------------------------------- worst cases
+
+def test_long_single_words(enc, fast):
+    rng = random.Random(0)
+    words = ["a" * 200_000, "ab" * 100_000, "".join(rng.choice("abcdefghij") for _ in range(200_000)),
+             "".join(rng.choice("aé中") for _ in range(50_000)), "1" * 100_000, "!" * 100_000]
+    for w in words:
+        assert fast.encode_ordinary(w) == enc.encode_ordinary(w)
+    big = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1_000_000))
+    ids = fast.encode_ordinary(big)
+    assert fast.decode(ids) == big
+
+
+def test_million_whitespace_run_then_letter(enc, fast):
+    """tiktoken's backtracking gives up here; the pattern defines the answer, and we give it:
+    the run minus its last character, then that character with the word."""
+    n = 1_000_000
+    for ws, tail in ((" ", "a"), ("\t", "a"), ("\n", "1")):
+        text = ws * n + tail
+        expected = enc.encode_ordinary(ws * (n - 1)) + enc.encode_ordinary(ws + tail)
+        if ws != " ":
+            expected = enc.encode_ordinary(ws * (n - 1)) + enc.encode_ordinary(ws) + enc.encode_ordinary(tail)
+        assert fast.encode_ordinary(text) == expected
+    # the reference splitter says the same, in linear time
+    assert bpe_reference.split_gpt2(" " * n + "a") == [" " * (n - 1), " a"]
+
+
+# --------------------------------------------------------------------------- pickling, constructors
+
+def test_pickle(enc, fast, ref):
+    text = "pickled tokenizers go to DataLoader workers"
+    for tok in (fast, ref):
+        clone = pickle.loads(pickle.dumps(tok))
+        assert clone.encode(text) == enc.encode(text)
+        assert clone.impl == tok.impl and clone.name == "gpt2"
+    custom = Tokenizer.train(["some text to learn from, some text"], 256 + 20 + 1, progress=False, impl="fast")
+    clone = pickle.loads(pickle.dumps(custom))
+    assert clone.encode("some text") == custom.encode("some text")
+    assert clone.special_tokens_set == custom.special_tokens_set
+
+
+def test_from_files_and_tiktoken_file(enc, gpt2_files):
+    text = "Files from OpenAI give the same ids.\n  Ünïcödé!"
+    expected = enc.encode(text)
+    for impl in ("fast", "reference"):
+        a = Tokenizer.from_files(gpt2_files / "encoder.json", gpt2_files / "vocab.bpe", impl=impl)
+        assert a.encode(text) == expected
+        assert a.eot_token == 50256 and a.n_vocab == 50257
+        b = Tokenizer.from_tiktoken_file(gpt2_files / "gpt2.tiktoken", special_tokens={"<|endoftext|>": 50256},
+                                         impl=impl)
+        assert b.encode(text) == expected
+
+
+def test_bad_files_name_file_and_line(tmp_path, gpt2_files):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"IQ== 0\nIg== 1\nnot base64! 2\n")
+    for impl in ("fast", "reference"):
+        with pytest.raises(ValueError, match=r"bad\.tiktoken.*line 3"):
+            Tokenizer.from_tiktoken_file(bad, impl=impl)
+        with pytest.raises(FileNotFoundError, match="missing.tiktoken"):
+            Tokenizer.from_tiktoken_file(tmp_path / "missing.tiktoken", impl=impl)
+    bpe = tmp_path / "vocab.bpe"
+    lines = (gpt2_files / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    lines[5] = "onlyonetoken"
+    bpe.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab\.bpe: line 6"):
+        Tokenizer.from_files(gpt2_files / "encoder.json", bpe)
+    js = tmp_path / "encoder.json"
+    js.write_text('{"a": 0,\n "b": }', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"encoder\.json: line 2"):
+        Tokenizer.from_files(js, gpt2_files / "vocab.bpe")
+
+
+# --------------------------------------------------------------------------- training
+
+def test_training_core_matches_reference(shared_data):
+    text = (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
+    texts = [text[:8000], "<|endoftext|>".join([text[8000:12000], "déjà vu 1234 😀😀 " * 20])]
+    size = 256 + 400 + 1
+    fast = Tokenizer.train(texts, size, impl="fast", progress=False)
+    ref = Tokenizer.train(texts, size, impl="reference", progress=False)
+    assert fast.mergeable_ranks == ref.mergeable_ranks
+    assert fast.n_vocab == ref.n_vocab == size
+    assert fast.eot_token == ref.eot_token == size - 1
+    assert not any(b"<|" in t for t in fast.mergeable_ranks)  # special tokens are never learned from
+    sample = text[12000:14000]
+    assert fast.encode(sample) == ref.encode(sample)
+    assert fast.decode(fast.encode(sample)) == sample
+    # deterministic
+    again = Tokenizer.train(list(reversed(texts)), size, impl="fast", progress=False, num_threads=1)
+    assert again.mergeable_ranks == fast.mergeable_ranks
+
+
+@pytest.mark.filterwarnings("ignore:the corpus only supports")
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.text(alphabet="aab ba\u00e9!1", max_size=40), max_size=8), st.integers(0, 40))
+def test_training_hypothesis(texts, merges):
+    fast = Tokenizer.train(texts, 256 + merges + 1, impl="fast", progress=False)
+    ref = Tokenizer.train(texts, 256 + merges + 1, impl="reference", progress=False)
+    assert fast.mergeable_ranks == ref.mergeable_ranks
+
+
+def test_save_load(tmp_path):
+    tok = Tokenizer.train(["the cat sat on the mat"] * 3, 256 + 10 + 2, special_tokens=("<|endoftext|>", "<|pad|>"),
+                          progress=False)
+    path = tmp_path / "cats.tiktoken"
+    tok.save(path)
+    assert (tmp_path / "cats.json").is_file()
+    for impl in ("fast", "reference"):
+        back = Tokenizer.load(path, impl=impl)
+        assert back.mergeable_ranks == tok.mergeable_ranks
+        assert back.special_tokens_set == {"<|endoftext|>", "<|pad|>"}
+        assert back.encode("the cat<|pad|>", allowed_special="all") == tok.encode("the cat<|pad|>", allowed_special="all")
+    with pytest.raises(ValueError, match="vocab_size"):
+        Tokenizer.train(["x"], 100)
+
+
+# --------------------------------------------------------------------------- choosing the engine
+
+def test_impl_selection(monkeypatch):
+    import gptfast.tokenizer as T
+
+    monkeypatch.setattr(T, "_load_extension", lambda: (None, ImportError("not built")))
+    monkeypatch.delenv(T.REQUIRE_EXT_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        tok = T.Tokenizer.gpt2()
+    assert tok.impl == "reference"
+    with pytest.raises(ImportError, match="impl='fast'"):
+        T.Tokenizer.gpt2(impl="fast")
+    monkeypatch.setenv(T.REQUIRE_EXT_ENV, "1")
+    with pytest.raises(ImportError, match=T.REQUIRE_EXT_ENV):
+        T.Tokenizer.gpt2()
+    with pytest.raises(ValueError, match="impl"):
+        T.Tokenizer.gpt2(impl="rust")
+    assert T.Tokenizer.gpt2(impl="reference").impl == "reference"
