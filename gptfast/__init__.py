@@ -19,6 +19,13 @@ __version__ = "0.1.0"
 # Parts that arrive with their own modules; imported lazily so a missing one never breaks the rest.
 _LAZY = {
     "Tokenizer": ("gptfast.tokenizer", "Tokenizer"),
+    # training and generation (chapter 5, appendix D, the trainer, the KV cache)
+    **{n: ("gptfast.data", n) for n in ("GPTDatasetV1", "create_dataloader_v1")},
+    **{n: ("gptfast.train", n) for n in ("calc_loss_batch", "calc_loss_loader", "evaluate_model",
+                                         "generate_and_print_sample", "train_model_simple", "train_model",
+                                         "plot_losses", "Trainer", "TrainConfig", "latest_checkpoint")},
+    "KVCache": ("gptfast.kv_cache", "KVCache"),
+    "generate_stream": ("gptfast.generation", "generate_stream"),
 }
 
 
@@ -35,4 +42,7 @@ __all__ = [
     "GPTConfig", "GPT_CONFIG_124M", "GPTModel", "LayerNorm", "GELU", "FeedForward", "MultiHeadAttention",
     "TransformerBlock", "generate", "generate_text_simple", "text_to_token_ids", "token_ids_to_text",
     "use_backend", "describe", "ops", "reference", "attention_weights", "plot_attention", "Tokenizer",
+    "GPTDatasetV1", "create_dataloader_v1", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
+    "generate_and_print_sample", "train_model_simple", "train_model", "plot_losses", "Trainer", "TrainConfig",
+    "latest_checkpoint", "KVCache", "generate_stream",
 ]

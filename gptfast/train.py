@@ -1,0 +1,719 @@
+"""Pretraining: the book's loss, evaluation and training loops (chapter 5, appendix D), and a trainer
+for real runs (:class:`Trainer`, behind ``gptfast train``).
+
+The book's functions keep their names, arguments and printed lines. The trainer adds what a long run
+needs: token shards read by random windows, AdamW with warmup + cosine decay and gradient clipping,
+bf16 autocast, gradient accumulation, DistributedDataParallel (or FSDP) under ``torchrun``, and
+checkpoints that resume exactly::
+
+    DIR/step-N/model.safetensors     the weights under the book's key names (gptfast.checkpoint)
+    DIR/step-N/config.json           the model config (+ the tokenizer's name)
+    DIR/step-N/trainer_state.pt      optimizer, scheduler, RNG and data position; torch.load(weights_only=True)
+    DIR/metrics.jsonl                one JSON object per logged step
+    DIR/loss.png                     the loss curve, redrawn at each evaluation
+
+A step folder is written as ``DIR/.step-N.tmp`` and renamed into place, so a crash mid-write leaves
+the previous checkpoints intact; only the last ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a NaN loss, a checkpoint that does not fit); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The book's chapter-5 functions
+# --------------------------------------------------------------------------------------------------
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """Mean cross-entropy of the next-token predictions of one batch (the book's function)."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+    total_loss = 0.0
+    if len(data_loader) == 0:
+        return float("nan")
+    elif num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        num_batches = min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i < num_batches:
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            total_loss += loss.item()
+        else:
+            break
+    return total_loss / num_batches
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+    """Training and validation loss over ``eval_iter`` batches each, in eval mode and without gradients."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def _context_length(model):
+    cfg = getattr(model, "cfg", None)
+    return cfg.context_length if cfg is not None else model.pos_emb.weight.shape[0]
+
+
+def generate_and_print_sample(model, tokenizer, device, start_context):
+    """Print 50 greedy tokens after ``start_context`` on one line (the book's progress check)."""
+    model.eval()
+    context_size = _context_length(model)
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    with torch.no_grad():
+        token_ids = generate_text_simple(model=model, idx=encoded, max_new_tokens=50, context_size=context_size)
+    decoded_text = token_ids_to_text(token_ids, tokenizer)
+    print(decoded_text.replace("\n", " "))
+    model.train()
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
+                       start_context, tokenizer):
+    """The book's chapter-5 loop. Returns ``(train_losses, val_losses, track_tokens_seen)``, one entry
+    per evaluation (every ``eval_freq`` steps, starting with step 0)."""
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen
+
+
+def train_model(model, train_loader, val_loader, optimizer, device, n_epochs, eval_freq, eval_iter, start_context,
+                tokenizer, warmup_steps, initial_lr=3e-05, min_lr=1e-6):
+    """Appendix D's loop: linear warmup from ``initial_lr`` to the optimizer's lr over ``warmup_steps``,
+    cosine decay to ``min_lr``, and gradient clipping (max norm 1) from the end of warmup on.
+
+    Returns ``(train_losses, val_losses, track_tokens_seen, track_lrs)``; ``track_lrs`` has one lr per step.
+    Clipping starts at step ``warmup_steps`` (the book's first printing started one step later).
+    """
+    train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
+    tokens_seen, global_step = 0, -1
+    peak_lr = optimizer.param_groups[0]["lr"]
+    total_training_steps = len(train_loader) * n_epochs
+    lr_increment = (peak_lr - initial_lr) / warmup_steps
+    for epoch in range(n_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            global_step += 1
+            if global_step < warmup_steps:
+                lr = initial_lr + global_step * lr_increment
+            else:
+                progress = (global_step - warmup_steps) / (total_training_steps - warmup_steps)
+                lr = min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            track_lrs.append(lr)
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            if global_step >= warmup_steps:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                print(f"Ep {epoch+1} (Iter {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen, track_lrs
+
+
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None):
+    """The book's loss plot: training and validation loss against epochs, tokens seen on a second axis.
+
+    Returns the matplotlib figure; with ``path`` it is also saved there.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_losses, label="Training loss")
+    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax1.twiny()  # a second x-axis sharing the y-axis
+    ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible, aligns the ticks
+    ax2.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's pieces: schedule, optimizer, checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+class WarmupCosine:
+    """lr multiplier for ``LambdaLR``: linear warmup over ``warmup`` steps (step 0 gets 1/warmup), then a
+    cosine from 1 down to ``min_ratio`` at ``total`` steps. A class, so the scheduler's state saves."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=None):
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm parameters);
+    fused on a GPU when torch offers it."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fused is None:
+        fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=bool(fused))
+
+
+def step_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """``(N, path)`` of every complete ``step-N`` folder in ``run_dir``, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    out = []
+    for name in os.listdir(run_dir):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(run_dir, name)
+        if m and os.path.isfile(os.path.join(path, checkpoint.MODEL_FILE)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest ``step-N`` folder of a training run folder, or None when it has none.
+
+    >>> latest_checkpoint("/nonexistent") is None
+    True
+    """
+    found = step_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run folder (its latest step) or one step folder -> the step folder; a clear error otherwise."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist: pass a training run folder or one of its step-N folders")
+    if os.path.isfile(os.path.join(path, checkpoint.MODEL_FILE)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (no step-N folder with {checkpoint.MODEL_FILE})")
+    return latest
+
+
+class _StateView:
+    """What :func:`gptfast.checkpoint.save_model` reads from a model (``cfg``, ``state_dict``), for a
+    state dict gathered from a sharded model."""
+
+    def __init__(self, cfg, state):
+        self.cfg, self._state = cfg, state
+
+    def state_dict(self):
+        return self._state
+
+
+def _torch_save_atomic(obj, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed setup
+# --------------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)``; joins the process group when launched by ``torchrun``
+    (NCCL with GPUs, gloo without)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group("gloo")
+    return rank, world, local
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier():
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the model and the data (``gptfast train``'s flags)."""
+
+    out_dir: str
+    steps: int = 1000  # optimizer steps in all (a resumed run continues up to here)
+    batch_size: int = 8  # windows per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float | None = None  # where the cosine ends; default lr / 10
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1
+    clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    seed: int = 1337
+    eval_every: int = 100  # evaluate (and draw the plot, print a sample) every this many steps
+    eval_iters: int = 20  # validation batches per evaluation
+    save_every: int | None = None  # checkpoint every this many steps; default eval_every
+    keep_last: int = 3  # checkpoints kept
+    log_every: int = 1  # write a metrics line every this many steps
+    dtype: str = "auto"  # "auto" (bf16 autocast on a GPU that has it, fp32 otherwise), "bf16", "fp32"
+    compile: bool = False
+    grad_checkpoint: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 30  # 0: no samples
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_iters", "keep_last", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.lr <= 0 or self.clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup, weight_decay and clip must be >= 0 and lr > 0")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+
+
+def flops_per_token(cfg, num_params: int) -> float:
+    """Training FLOPs per token, nanoGPT's estimate: ``6 N + 12 L H Q T`` (N: parameters in matmuls)."""
+    return 6 * num_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.context_length
+
+
+def matmul_parameters(model) -> int:
+    """Parameters that take part in matmuls: all but the positional and (untied) token embeddings."""
+    n = model.num_parameters() - sum(p.numel() for p in model.pos_emb.parameters())
+    if not model.cfg.tie_weights:
+        n -= model.tok_emb.weight.numel()
+    return n
+
+
+def _peak_tflops(device, dtype_name):
+    if device.type != "cuda":
+        return None
+    try:
+        from .bench.harness import device_info
+    except ImportError:
+        return None
+    return device_info("cuda", measure=False).peak_tflops.get(dtype_name)
+
+
+class Trainer:
+    """Train ``model`` on token windows from ``train`` (a :class:`gptfast.data.TokenSplit`), evaluating on ``val``.
+
+    Under ``torchrun`` (after :func:`init_distributed`) every process runs a Trainer: each reads its own
+    slice of every global batch, gradients are averaged by DDP (or sharded by FSDP), rank 0 writes.
+    """
+
+    def __init__(self, model, train, val, config: TrainConfig, tokenizer=None, device=None, data_info=None):
+        self.model = model
+        self.train_split, self.val_split = train, val
+        self.cfg = config
+        self.tokenizer = tokenizer
+        self.data_info = dict(data_info or {})
+        d = _dist()
+        self.rank = d.get_rank() if d else 0
+        self.world = d.get_world_size() if d else 1
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)
+        self.seq_len = model.cfg.context_length
+        self.history: list[dict] = []
+        for split in (train, val):
+            split.check(self.seq_len)
+        use_bf16 = config.dtype == "bf16" or (
+            config.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.dtype_name = "bf16" if use_bf16 else "fp32"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        self.is_main = self.rank == 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def _setup(self, resume_from):
+        cfg, model = self.cfg, self.model
+        model.to(self.device)
+        model.gradient_checkpointing = cfg.grad_checkpoint
+        model.train()
+        self.start_step = 0
+        state = None
+        if resume_from is not None:
+            state = self._load_weights(resume_from)
+        self.wrapped = model
+        if self.world > 1:
+            if cfg.fsdp:
+                from torch.distributed.fsdp import fully_shard
+
+                for block in model.trf_blocks:
+                    fully_shard(block)
+                fully_shard(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                self.wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        min_ratio = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(cfg.warmup, cfg.steps, min_ratio))
+        if state is not None:
+            self._load_state(state)
+        self.step_fn = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        n = matmul_parameters(model)
+        self.flops_per_token = flops_per_token(model.cfg, n)
+        self.peak = _peak_tflops(self.device, self.dtype_name)
+
+    def _load_weights(self, folder):
+        from safetensors.torch import load_file
+
+        saved = checkpoint.read_config(folder)
+        ours = self.model.cfg
+        diff = [f"{k} (checkpoint {v!r}, this run {getattr(ours, k)!r})" for k, v in saved.to_dict().items()
+                if k != "drop_rate" and getattr(ours, k) != v]
+        if diff:
+            raise TrainingError(f"{folder} was written for another model config; it differs in " + ", ".join(diff)
+                                + ". Resume with the same --model / size flags, or train into a new --out folder")
+        state_path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(state_path):
+            raise TrainingError(f"{state_path} is missing: {folder} holds weights but no trainer state to resume from")
+        tensors = load_file(os.path.join(folder, checkpoint.MODEL_FILE), device=str(self.device))
+        checkpoint.load_state_dict_checked(self.model, tensors, source=folder)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        self.start_step = int(state["step"])
+        return state
+
+    def _load_state(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # a run resumed with other --steps stretches (or shortens) its cosine from here on
+        self.scheduler.lr_lambdas[0].total = self.cfg.steps
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        rng = state.get("rng", {})
+        cpu = rng.get("cpu", [])
+        if len(cpu) == self.world:
+            torch.set_rng_state(cpu[self.rank])
+        cuda = rng.get("cuda", [])
+        if self.device.type == "cuda" and len(cuda) == self.world:
+            torch.cuda.set_rng_state(cuda[self.rank], self.device)
+        data = state.get("data", {})
+        for key in ("seed", "batch_size", "grad_accum", "world_size"):
+            if key in data and data[key] != self._data_state()[key] and self.is_main:
+                print(f"warning: the checkpoint was trained with {key}={data[key]}, this run uses "
+                      f"{self._data_state()[key]}; it goes on, but not exactly as the first run would have",
+                      file=sys.stderr)
+
+    def _data_state(self):
+        return {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                "world_size": self.world, **self.data_info}
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self, resume_from: str | None = None, until: int | None = None) -> list[dict]:
+        """Train up to ``config.steps`` optimizer steps (from ``resume_from``'s step when given).
+
+        ``until`` stops earlier, after that step (with a checkpoint), as an interrupted run would; the
+        schedule still spans ``config.steps``. Returns the metrics of every logged step (what ``metrics.jsonl`` holds). Raises
+        :class:`TrainingError` when the loss stops being finite; checkpoints already written stay.
+        """
+        cfg = self.cfg
+        self._setup(resume_from)
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            self._truncate_metrics(self.start_step)
+        save_every = cfg.save_every or cfg.eval_every
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.seq_len * self.world
+        bar = self._progress_bar()
+        step = self.start_step
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        try:
+            while step < last:
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss = self._train_step(step)
+                step += 1
+                elapsed = time.perf_counter() - t0
+                record = {"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed}
+                mfu = self._mfu(tokens_per_step / elapsed)
+                if mfu is not None:
+                    record["mfu"] = mfu
+                evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+                if evaluating:
+                    record["val_loss"] = self.evaluate()
+                if self.is_main and (evaluating or step % cfg.log_every == 0):
+                    self._log(record)
+                if bar is not None:
+                    bar.update(1)
+                    post = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
+                            "mfu": f"{100 * mfu:.1f}%" if mfu is not None else "n/a"}
+                    bar.set_postfix(post, refresh=False)
+                if evaluating and self.is_main:
+                    self._plot()
+                    self._sample(bar)
+                if step % save_every == 0 or step == last:
+                    self.save_checkpoint(step)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def _train_step(self, step) -> float:
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_split.random_batch(cfg.batch_size, self.seq_len, key=(cfg.seed, step, micro),
+                                                 rank=self.rank, world_size=self.world)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == cfg.grad_accum - 1
+            sync = self.wrapped.no_sync() if (not last and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                with self.autocast:
+                    logits = self.step_fn(x)  # (B, T, V)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / cfg.grad_accum
+                loss.backward()
+            total += loss.detach()
+        d = _dist()
+        if d is not None:
+            d.all_reduce(total, op=d.ReduceOp.SUM)
+            total /= self.world
+        value = total.item()
+        if not math.isfinite(value):
+            kept = latest_checkpoint(cfg.out_dir)
+            raise TrainingError(
+                f"the training loss became {value} at step {step + 1}; stopping without saving. "
+                + (f"The last good checkpoint, {kept}, is kept; " if kept else "")
+                + "try a lower --lr, a longer --warmup, --clip 1.0, or --dtype fp32"
+            )
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``eval_iters`` fixed global batches, each process taking its slice."""
+        cfg = self.cfg
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        batches = self.val_split.eval_batches(cfg.batch_size * self.world, self.seq_len, cfg.eval_iters)
+        for x, y in batches:
+            rows = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
+            with self.autocast:
+                logits = self.step_fn(x[rows].to(self.device))  # (B, T, V)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y[rows].to(self.device).flatten())
+        d = _dist()
+        if d is not None:
+            d.all_reduce(total, op=d.ReduceOp.SUM)
+        self.model.train()
+        return (total / (cfg.eval_iters * self.world)).item()
+
+    def _mfu(self, tokens_per_s):
+        if self.peak is None:
+            return None
+        return self.flops_per_token * tokens_per_s / self.world / (self.peak * 1e12)
+
+    # ---- output --------------------------------------------------------------------------------
+
+    def _progress_bar(self):
+        if not (self.cfg.progress and self.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _metrics_path(self):
+        return os.path.join(self.cfg.out_dir, METRICS_FILE)
+
+    def _truncate_metrics(self, step):
+        """Keep only the metrics up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+        path = self._metrics_path()
+        self.history = []
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= step:
+                        self.history.append(rec)
+        checkpoint.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+
+    def _log(self, record):
+        self.history.append(record)
+        with open(self._metrics_path(), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in self.history], [r["train_loss"] for r in self.history], lw=0.8,
+                label="training loss")
+        val = [r for r in self.history if "val_loss" in r]
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        path = os.path.join(self.cfg.out_dir, PLOT_FILE)
+        tmp = f"{path}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+    def _sample(self, bar):
+        if self.tokenizer is None or self.cfg.sample_tokens <= 0 or self.cfg.fsdp:
+            return
+        self.model.eval()
+        idx = text_to_token_ids(self.cfg.sample_prompt, self.tokenizer).to(self.device)
+        idx = idx[:, -self.seq_len:]
+        with self.autocast:
+            out = generate(self.model, idx, self.cfg.sample_tokens)
+        self.model.train()
+        text = token_ids_to_text(out, self.tokenizer).replace("\n", " ")
+        (bar.write if bar is not None else print)(f"sample: {text}")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _gather_states(self):
+        """The full model state dict, optimizer state dict and every rank's RNG states (rank 0 gets them)."""
+        d = _dist()
+        if self.cfg.fsdp and d is not None:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=opts)
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        else:
+            model_state = self.model.state_dict()
+            optim_state = self.optimizer.state_dict()
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if d is not None:
+            gathered = [None] * self.world
+            d.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        rngs = {"cpu": [g["cpu"] for g in gathered]}
+        if self.device.type == "cuda":
+            rngs["cuda"] = [g["cuda"] for g in gathered]
+        return model_state, optim_state, rngs
+
+    def save_checkpoint(self, step: int) -> str | None:
+        """Write ``out_dir/step-N`` atomically and prune old ones; returns its path on rank 0."""
+        model_state, optim_state, rngs = self._gather_states()
+        if not self.is_main:
+            barrier()
+            return None
+        out = self.cfg.out_dir
+        final = os.path.join(out, f"step-{step}")
+        tmp = os.path.join(out, f".step-{step}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        extra = {"tokenizer": self.data_info["tokenizer"]} if "tokenizer" in self.data_info else None
+        checkpoint.save_model(_StateView(self.model.cfg, model_state), tmp, extra_config=extra)
+        state = {
+            "step": step,
+            "optimizer": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rngs,
+            "data": self._data_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+        _torch_save_atomic(state, os.path.join(tmp, STATE_FILE))
+        if os.path.isdir(final):  # the same step written again (a resumed run): swap, then drop the old one
+            old = os.path.join(out, f".step-{step}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        for _, path in step_dirs(out)[: -self.cfg.keep_last]:
+            shutil.rmtree(path)
+        barrier()
+        return final
