@@ -215,11 +215,11 @@ def format_rows(rows):
             "limit B", "status"]
     table = []
     for r in rows:
-        status = "ok" if r.fits else ("OVER: " if r.chosen else "not chosen: ") + r.problem
-        if r.fits and r.spill_stores + r.spill_loads:
-            status = "ok (spills)"
-        if r.fits and not r.chosen:
-            status = "ok (arch not enabled)"
+        if r.fits:
+            notes = (["spills"] if r.spill_stores + r.spill_loads else []) + ([] if r.chosen else ["arch not enabled"])
+            status = "ok" + (f" ({', '.join(notes)})" if notes else "")
+        else:
+            status = ("OVER: " if r.chosen else "not chosen: ") + r.problem
         table.append([r.op, f"sm_{r.arch}", r.dtype, r.kernel, r.label, str(r.num_warps), str(r.num_stages),
                       str(r.registers), f"{r.spill_stores}/{r.spill_loads}", str(r.shared), str(r.shared_limit), status])
     widths = [max([len(h)] + [len(row[i]) for row in table]) for i, h in enumerate(head)]
