@@ -647,9 +647,11 @@ class Trainer:
     def _sample(self, bar):
         if self.tokenizer is None or self.cfg.sample_tokens <= 0 or self.cfg.fsdp:
             return
-        self.model.eval()
         idx = text_to_token_ids(self.cfg.sample_prompt, self.tokenizer).to(self.device)
         idx = idx[:, -self.seq_len:]
+        if idx.numel() == 0 or int(idx.max()) >= self.model.cfg.vocab_size:
+            return  # the prompt does not fit this model's vocabulary
+        self.model.eval()
         with self.autocast:
             out = generate(self.model, idx, self.cfg.sample_tokens)
         self.model.train()
