@@ -345,6 +345,27 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return _launch_bwd(_unit_stride(dy), _unit_stride(x), weight.contiguous(), mean, rstd, dres, arch)
 
 
+# Output shapes for tracing with fake tensors. triton_op would trace the bodies above instead, which
+# works on a GPU but not under Triton's CPU interpreter (it reads the tensors' data).
+def _row_stats(x):
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps, arch):
+    return x.new_empty(x.shape), _row_stats(x), _row_stats(x)
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(x, branch, weight, bias, eps, arch):
+    return x.new_empty(x.shape), x.new_empty(x.shape), _row_stats(x), _row_stats(x)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, dres, arch):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------------
