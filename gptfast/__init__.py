@@ -25,6 +25,14 @@ _LAZY = {
                                          "generate_and_print_sample", "train_model_simple", "train_model",
                                          "plot_losses", "Trainer", "TrainConfig", "latest_checkpoint")},
     "KVCache": ("gptfast.kv_cache", "KVCache"),
+    # pretrained weights and fine-tuning (chapters 5-7, appendix E)
+    "load_weights_into_gpt": ("gptfast.weights", "load_weights_into_gpt"),
+    **{n: ("gptfast.lora", n) for n in ("LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "merge_lora",
+                                        "save_lora", "load_lora")},
+    **{n: ("gptfast.classify", n) for n in ("SpamDataset", "ClassificationDataset", "prepare_for_classification",
+                                            "calc_accuracy_loader", "train_classifier_simple", "classify_review")},
+    **{n: ("gptfast.instruct", n) for n in ("format_input", "InstructionDataset", "custom_collate_fn",
+                                            "extract_response", "generate_response")},
     "generate_stream": ("gptfast.generation", "generate_stream"),
 }
 
@@ -45,4 +53,8 @@ __all__ = [
     "GPTDatasetV1", "create_dataloader_v1", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
     "generate_and_print_sample", "train_model_simple", "train_model", "plot_losses", "Trainer", "TrainConfig",
     "latest_checkpoint", "KVCache", "generate_stream",
+    "load_weights_into_gpt", "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "merge_lora", "save_lora",
+    "load_lora", "SpamDataset", "ClassificationDataset", "prepare_for_classification", "calc_accuracy_loader",
+    "train_classifier_simple", "classify_review", "format_input", "InstructionDataset", "custom_collate_fn",
+    "extract_response", "generate_response",
 ]

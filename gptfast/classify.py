@@ -1,0 +1,289 @@
+"""Fine-tuning for classification, the book's chapter 6, for any CSV of texts and labels.
+
+The recipe: take a pretrained GPT, swap its output head (emb_dim -> vocab_size) for a small one
+(emb_dim -> num_classes), freeze everything except the last transformer block, the final LayerNorm and
+the new head, and train on the output at the last token -- under causal attention it is the only
+position that has seen the whole text.
+
+One difference from the book, on purpose: the book pads every text to the longest with token 50256 and
+reads the output at the *last position*, which for a short text is a padding token. Here the output is
+read at each row's **last real token** (the last one that is not ``pad_token_id``), so padding changes
+nothing and a text is classified the same alone or in a batch. Pass ``pad_token_id=None`` to get the
+book's last-position behaviour. Texts are encoded with ``tokenizer.encode(text)``, which refuses the
+``<|endoftext|>`` text, so id 50256 inside a text can only be padding.
+
+The book's names: :class:`SpamDataset` (here :class:`ClassificationDataset`), :func:`calc_loss_batch`,
+:func:`calc_loss_loader`, :func:`calc_accuracy_loader`, :func:`evaluate_model`,
+:func:`train_classifier_simple`, :func:`classify_review`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+PAD_TOKEN_ID = 50256
+
+
+class DatasetError(ValueError):
+    """Fine-tuning data that cannot be used; the message names the file, row or column and the fix."""
+
+
+def _rows_of(source, where):
+    """Rows (dicts) from a CSV path, a list of dicts, or a pandas DataFrame."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise DatasetError(f"{path} does not exist: pass a CSV file with a text and a label column")
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if hasattr(source, "to_dict"):  # a pandas DataFrame, as the book uses
+        return source.to_dict("records")
+    rows = list(source)
+    if rows and not all(isinstance(r, dict) for r in rows):
+        raise DatasetError(f"{where}: expected a CSV path or a list of dicts (one per row)")
+    return rows
+
+
+def _column(rows, wanted, where, role):
+    """The actual column name for ``wanted`` (exact, else case-insensitive)."""
+    columns = list(rows[0].keys())
+    if wanted in columns:
+        return wanted
+    folded = [c for c in columns if c is not None and c.strip().lower() == wanted.lower()]
+    if folded:
+        return folded[0]
+    raise DatasetError(f"{where} has no {role} column {wanted!r}; its columns are {columns}. "
+                       f"Name the column with text_column=/label_column= (--text-column/--label-column)")
+
+
+def _label_ids(values, labels, num_classes, where):
+    """Map raw labels to class ids; returns (ids, label names or None)."""
+    def as_int(v):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return int(f) if f == int(f) else None
+
+    ints = [as_int(v) for v in values]
+    if labels is not None:
+        names = [str(x) for x in labels]
+        index = {n: i for i, n in enumerate(names)}
+        ids = []
+        for row, v in enumerate(values):
+            key = str(v).strip()
+            if key in index:
+                ids.append(index[key])
+            elif as_int(v) is not None and 0 <= as_int(v) < len(names):
+                ids.append(as_int(v))
+            else:
+                raise DatasetError(f"{where}: row {row + 1} has label {v!r}, which is not one of {names}")
+        return ids, names
+    if all(i is not None for i in ints):
+        ids, names = ints, None
+    else:  # text labels ("spam", "ham"): classes in sorted order
+        names = sorted({str(v).strip() for v in values})
+        index = {n: i for i, n in enumerate(names)}
+        ids = [index[str(v).strip()] for v in values]
+    limit = num_classes if num_classes is not None else None
+    for row, i in enumerate(ids):
+        if i < 0 or (limit is not None and i >= limit):
+            raise DatasetError(f"{where}: row {row + 1} has label {values[row]!r}, out of range for "
+                               f"{limit if limit is not None else 'non-negative'} classes (labels must be 0..num_classes-1)")
+    return ids, names
+
+
+class ClassificationDataset(Dataset):
+    """Texts and labels from a CSV (the book's ``SpamDataset``, for any columns and classes).
+
+    Items are ``(input_ids, label)``: a (max_length,) long tensor padded with ``pad_token_id`` and a
+    scalar long tensor. ``max_length=None`` pads to the longest text (the book); a number truncates
+    longer texts to it. Labels may be integers ``0..num_classes-1`` or strings (classes then in sorted
+    order, or in the order ``labels`` gives); :attr:`labels` keeps the names.
+    """
+
+    def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=PAD_TOKEN_ID, *, text_column="Text",
+                 label_column="Label", num_classes=None, labels=None):
+        where = os.fspath(csv_file) if isinstance(csv_file, (str, os.PathLike)) else "the data"
+        rows = _rows_of(csv_file, where)
+        if not rows:
+            raise DatasetError(f"{where} has no rows: a classification data set needs at least one text and label")
+        text_col = _column(rows, text_column, where, "text")
+        label_col = _column(rows, label_column, where, "label")
+        self.data = rows
+        self.pad_token_id = pad_token_id
+        texts = [r[text_col] for r in rows]
+        for row, t in enumerate(texts):
+            if t is None or not str(t).strip():
+                raise DatasetError(f"{where}: row {row + 1} has an empty text")
+        self.label_ids, self.labels = _label_ids([r[label_col] for r in rows], labels, num_classes, where)
+        self.num_classes = num_classes or (len(self.labels) if self.labels else max(self.label_ids) + 1)
+        self.encoded_texts = [tokenizer.encode(str(t)) for t in texts]
+        if max_length is None:
+            self.max_length = self._longest_encoded_length()
+        else:
+            self.max_length = int(max_length)
+            self.encoded_texts = [e[: self.max_length] for e in self.encoded_texts]
+        self.encoded_texts = [e + [pad_token_id] * (self.max_length - len(e)) for e in self.encoded_texts]
+
+    def __getitem__(self, index):
+        return (torch.tensor(self.encoded_texts[index], dtype=torch.long),
+                torch.tensor(self.label_ids[index], dtype=torch.long))
+
+    def __len__(self):
+        return len(self.data)
+
+    def _longest_encoded_length(self):
+        return max(len(e) for e in self.encoded_texts)
+
+
+SpamDataset = ClassificationDataset  # the book's name
+
+
+def replace_output_head(model, num_classes: int):
+    """Swap ``model.out_head`` for ``nn.Linear(emb_dim, num_classes)`` (with bias, as the book); in place."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    old = model.out_head
+    weight = getattr(old, "weight", None)
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=weight.device if weight is not None else None,
+                               dtype=weight.dtype if weight is not None else None)
+    if model.cfg.tie_weights:  # the head no longer shares the embedding
+        model.cfg = dataclasses.replace(model.cfg, tie_weights=False)
+    return model
+
+
+def prepare_for_classification(model, num_classes: int = 2, trainable_blocks: int = 1, train_final_norm: bool = True):
+    """The book's chapter-6 setup, in place: freeze the model, replace the output head for
+    ``num_classes``, and make the last ``trainable_blocks`` transformer blocks (and the final
+    LayerNorm) trainable again; the new head trains. Returns ``model``."""
+    if not 0 <= trainable_blocks <= len(model.trf_blocks):
+        raise ValueError(f"trainable_blocks must be between 0 and {len(model.trf_blocks)}, got {trainable_blocks}")
+    for param in model.parameters():
+        param.requires_grad = False
+    replace_output_head(model, num_classes)
+    trainable = list(model.trf_blocks)[len(model.trf_blocks) - trainable_blocks:]
+    if train_final_norm:
+        trainable.append(model.final_norm)
+    for module in trainable:
+        for param in module.parameters():
+            param.requires_grad = True
+    return model
+
+
+def last_token_index(input_batch, pad_token_id=PAD_TOKEN_ID):
+    """(B,) position of each row's last token that is not ``pad_token_id`` (T-1 with ``None``)."""
+    b, t = input_batch.shape
+    if pad_token_id is None:
+        return torch.full((b,), t - 1, dtype=torch.long, device=input_batch.device)
+    real = (input_batch != pad_token_id).int()  # (B, T)
+    return t - 1 - real.flip(1).argmax(dim=1)  # an all-padding row gives T-1
+
+
+def classification_logits(model, input_batch, pad_token_id=PAD_TOKEN_ID):
+    """(B, num_classes) logits at each row's last real token."""
+    logits = model(input_batch)  # (B, T, C)
+    idx = last_token_index(input_batch, pad_token_id)
+    return logits[torch.arange(logits.shape[0], device=logits.device), idx]  # (B, C)
+
+
+def calc_loss_batch(input_batch, target_batch, model, device, pad_token_id=PAD_TOKEN_ID):
+    """Cross-entropy of the class logits at the last real token (the book's chapter-6 function)."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    return F.cross_entropy(classification_logits(model, input_batch, pad_token_id), target_batch)
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None, pad_token_id=PAD_TOKEN_ID):
+    """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+    total_loss = 0.0
+    if len(data_loader) == 0:
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device, pad_token_id).item()
+    return total_loss / num_batches
+
+
+def calc_accuracy_loader(data_loader, model, device, num_batches=None, pad_token_id=PAD_TOKEN_ID):
+    """Fraction of correctly classified examples in the first ``num_batches`` batches (eval mode, no grad)."""
+    model.eval()
+    correct_predictions, num_examples = 0, 0
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+        with torch.no_grad():
+            logits = classification_logits(model, input_batch, pad_token_id)
+        predicted_labels = torch.argmax(logits, dim=-1)
+        num_examples += predicted_labels.shape[0]
+        correct_predictions += (predicted_labels == target_batch).sum().item()
+    return correct_predictions / num_examples if num_examples else float("nan")
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, pad_token_id=PAD_TOKEN_ID):
+    """Training and validation loss over ``eval_iter`` batches each, in eval mode and without gradients."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter, pad_token_id=pad_token_id)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter, pad_token_id=pad_token_id)
+    model.train()
+    return train_loss, val_loss
+
+
+def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
+                            pad_token_id=PAD_TOKEN_ID):
+    """The book's chapter-6 loop; prints its lines. Returns ``(train_losses, val_losses, train_accs,
+    val_accs, examples_seen)``: losses every ``eval_freq`` steps, accuracies once per epoch."""
+    train_losses, val_losses, train_accs, val_accs = [], [], [], []
+    examples_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device, pad_token_id)
+            loss.backward()
+            optimizer.step()
+            examples_seen += input_batch.shape[0]
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, pad_token_id)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, pad_token_id)
+        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, pad_token_id)
+        print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
+        print(f"Validation accuracy: {val_accuracy*100:.2f}%")
+        train_accs.append(train_accuracy)
+        val_accs.append(val_accuracy)
+    return train_losses, val_losses, train_accs, val_accs, examples_seen
+
+
+def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=PAD_TOKEN_ID,
+                    labels=("not spam", "spam")):
+    """Classify one text; returns ``labels[class]`` (the book's "spam"/"not spam"), or the class id
+    with ``labels=None``. The text is cut to ``min(max_length, context_length)`` tokens."""
+    model.eval()
+    input_ids = tokenizer.encode(text)
+    if not input_ids:
+        raise ValueError("classify_review got an empty text")
+    supported_context_length = model.cfg.context_length
+    limit = supported_context_length if max_length is None else min(max_length, supported_context_length)
+    input_ids = input_ids[:limit]
+    if max_length is not None:
+        input_ids += [pad_token_id] * (limit - len(input_ids))
+    input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # (1, T)
+    with torch.no_grad():
+        logits = classification_logits(model, input_tensor, pad_token_id)
+    predicted_label = torch.argmax(logits, dim=-1).item()
+    return predicted_label if labels is None else labels[predicted_label]
