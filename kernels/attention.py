@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 # Archs whose every config compiles within the arch's limits (``python -m bench.resources --op attention``).
-SUPPORTED_ARCHS = (75, 80, 86, 89, 90, 120)
+SUPPORTED_ARCHS = (80, 86, 89, 90, 120)
 HEAD_DIMS = (16, 32, 64, 128)  # padded head widths the kernels are built for; D <= 128 is padded up
 _MAX_OFFSET = 2**31  # in-slice offsets (token * stride) are int32; (batch, head) bases are int64
 
@@ -45,14 +45,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _keep_mask(seed, rng_base, offs_m, offs_n, T_K, dropout_p):
-    """Philox keep decision for elements (rows offs_m, key columns offs_n) of one (batch, head).
+def _keep_mask(seed, rng_base, offs_m, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr):
+    """Philox keep decisions for queries ``offs_m`` x keys ``start_n .. start_n + BLOCK_N`` of one slice.
 
-    Element (i, j) of slice ``bh`` draws from counter ``bh * Tq * Tk + i * Tk + j`` (int64), the same
-    counter in the forward and both backward kernels, so all three see one mask.
+    One Philox call gives four uniforms (``tl.rand4x``), used by four neighbouring keys: element
+    (i, j) takes output ``j % 4`` of counter ``rng_base + i * ceil(Tk / 4) + j // 4`` (int64), with
+    ``rng_base = bh * Tq * ceil(Tk / 4)``. The forward and both backward kernels build the mask with
+    this one function, so all three see the same mask. ``start_n`` is a multiple of 4.
     """
-    rng_offsets = rng_base + offs_m.to(tl.int64)[:, None] * T_K + offs_n[None, :]
-    return tl.rand(seed, rng_offsets) >= dropout_p
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    offs_g = start_n // 4 + tl.arange(0, BLOCK_N // 4)  # (BLOCK_N // 4,) groups of four keys
+    counters = rng_base + offs_m.to(tl.int64)[:, None] * ((T_K + 3) // 4) + offs_g[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, counters)  # (BLOCK_M, BLOCK_N // 4) each
+    # join so that key 4g + 2a + b reads u_{2a+b}: key j reads output j % 4 of its group's counter
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # (BLOCK_M, BLOCK_N // 4, 2, 2)
+    return tl.reshape(u, (BLOCK_M, BLOCK_N)) >= dropout_p
 
 
 @triton.jit
@@ -95,7 +102,7 @@ def _fwd_tile(
     p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N) unnormalized probabilities
     l_i = l_i * alpha + tl.sum(p, 1)  # the denominator counts every weight, dropped or not
     if DROPOUT:  # dropout(softmax(S)): drop weights after the softmax, scale survivors by 1/(1-p)
-        keep = _keep_mask(seed, rng_base, offs_m, k_pos, T_K, dropout_p)
+        keep = _keep_mask(seed, rng_base, offs_m, start_n, T_K, dropout_p, offs_n.shape[0])
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -136,7 +143,7 @@ def _attn_fwd_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    rng_base = off_bh.to(tl.int64) * T_Q * T_K
+    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 3) // 4)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query indices
     offs_n = tl.arange(0, BLOCK_N)
@@ -211,7 +218,7 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, Q_tile, DO_tile, LSE, DELTA, stride_qt, stride_dot,
-    k_pos, start_m, offs_m, offs_d, q_offset,
+    start_n, k_pos, start_m, offs_m, offs_d, q_offset,
     T_Q, T_K, qk_scale, seed, rng_base, dropout_p,
     HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -230,7 +237,7 @@ def _dkdv_tile(
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
     pz_t = p_t
     if DROPOUT:
-        keep_t = tl.trans(_keep_mask(seed, rng_base, q_idx, k_pos, T_K, dropout_p))
+        keep_t = tl.trans(_keep_mask(seed, rng_base, q_idx, start_n, T_K, dropout_p, k_pos.shape[0]))
         z = 1.0 / (1.0 - dropout_p)
         pz_t = tl.where(keep_t, p_t * z, 0.0)
         dp_t = tl.where(keep_t, dp_t * z, 0.0)
@@ -278,7 +285,7 @@ def _attn_bwd_dkdv_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    rng_base = off_bh.to(tl.int64) * T_Q * T_K
+    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 3) // 4)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -299,11 +306,11 @@ def _attn_bwd_dkdv_kernel(
     mid = tl.minimum(lo + tl.cdiv(all_seen - lo, BLOCK_M) * BLOCK_M, T_Q)
     for start_m in range(lo, mid, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q_tile, DO_tile, LSE, DELTA, stride_qt, stride_dot,
-                            k_pos, start_m, offs_m, offs_d, q_offset, T_Q, T_K, qk_scale, seed, rng_base,
+                            start_n, k_pos, start_m, offs_m, offs_d, q_offset, T_Q, T_K, qk_scale, seed, rng_base,
                             dropout_p, HEAD_DIM, True, DROPOUT, DOT_PRECISION)
     for start_m in range(mid, T_Q, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q_tile, DO_tile, LSE, DELTA, stride_qt, stride_dot,
-                            k_pos, start_m, offs_m, offs_d, q_offset, T_Q, T_K, qk_scale, seed, rng_base,
+                            start_n, k_pos, start_m, offs_m, offs_d, q_offset, T_Q, T_K, qk_scale, seed, rng_base,
                             dropout_p, HEAD_DIM, False, DROPOUT, DOT_PRECISION)
 
     dk = dk * softmax_scale
@@ -327,7 +334,7 @@ def _dq_tile(
         p = tl.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < T_K), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) = dO V^T
     if DROPOUT:
-        keep = _keep_mask(seed, rng_base, offs_m, k_pos, T_K, dropout_p)
+        keep = _keep_mask(seed, rng_base, offs_m, start_n, T_K, dropout_p, offs_n.shape[0])
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # dS K
@@ -370,7 +377,7 @@ def _attn_bwd_dq_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    rng_base = off_bh.to(tl.int64) * T_Q * T_K
+    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 3) // 4)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -435,29 +442,30 @@ def configs(arch, dtype):
                     _cfg("decode", d, 16, 32, 4, 1, bucket="long"), _cfg("bwd_delta", d, 64, d, 4, 1),
                     _cfg("bwd_dkdv", d, 32, 64, 4, 1), _cfg("bwd_dq", d, 64, 32, 4, 1)]
         return out
+    if arch not in SUPPORTED_ARCHS:
+        return []  # sm_75: its 64 KB of shared memory and no bf16 tensor cores -- the reference runs there
     wide = dtype != torch.float32  # fp32 runs ieee dots on CUDA cores: smaller tiles, no tensor-core shapes
-    big_smem = arch in (80, 90)  # 163 KB / 227 KB a block; sm_86/89/120 have 99 KB, sm_75 64 KB
+    big_smem = arch in (80, 90)  # 163 KB / 227 KB a block; sm_86/89/120 have 99 KB
     stages = 3 if big_smem else 2
     for d in HEAD_DIMS:
         if wide:
             if d <= 64:
-                fwd = _cfg("fwd", d, 128, 64, 4, stages)
-                dkdv = _cfg("bwd_dkdv", d, 32, 128 if arch != 75 else 64, 4, stages)
-                dq = _cfg("bwd_dq", d, 128 if arch != 75 else 64, 32, 4, stages)
+                fwd = _cfg("fwd", d, 128, 64, 8, stages)
+                dkdv = _cfg("bwd_dkdv", d, 32, 128, 8, stages)
+                dq = _cfg("bwd_dq", d, 128, 32, 8, stages)
             else:
-                fwd = _cfg("fwd", d, 128 if arch != 75 else 64, 64 if big_smem else 32, 8, stages)
-                dkdv = _cfg("bwd_dkdv", d, 32, 64, 4, stages)
-                dq = _cfg("bwd_dq", d, 64, 32, 4, stages)
+                fwd = _cfg("fwd", d, 128, 64 if big_smem else 32, 8, stages)
+                dkdv = _cfg("bwd_dkdv", d, 32, 64, 8, stages)
+                dq = _cfg("bwd_dq", d, 64, 32, 8, stages)
             short = _cfg("decode", d, 16, 64, 4, stages, bucket="short")
             long = _cfg("decode", d, 16, 128 if d <= 64 else 64, 4, stages, bucket="long")
-        else:
-            small = d > 64 or arch == 75
-            fwd = _cfg("fwd", d, 32 if small else 64, 32, 4, 2)
-            dkdv = _cfg("bwd_dkdv", d, 32, 32 if small else 64, 4, 2)
-            dq = _cfg("bwd_dq", d, 32 if small else 64, 32, 4, 2)
+        else:  # fp32 tiles hold twice the bytes and ieee dots keep more in registers
+            fwd = _cfg("fwd", d, 32, 32, 4, 2)
+            dkdv = _cfg("bwd_dkdv", d, 32, 32, 4 if d <= 64 else 8, 2)
+            dq = _cfg("bwd_dq", d, 32, 32, 4, 2)
             short = _cfg("decode", d, 16, 32, 4, 2, bucket="short")
-            long = _cfg("decode", d, 16, 32 if small else 64, 4, 2, bucket="long")
-        out += [fwd, short, long, _cfg("bwd_delta", d, 64, d, 4, 1), dkdv, dq]
+            long = _cfg("decode", d, 16, 32 if d > 64 else 64, 4, 2, bucket="long")
+        out += [fwd, short, long, _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1), dkdv, dq]
     return out
 
 
@@ -604,12 +612,32 @@ def _arch(arch):
     return None if arch < 0 else arch
 
 
+def _wrap(kernel):
+    """wrap_triton, except that under Triton's interpreter -- where wrap_triton hands back the bare
+    interpreted kernel -- a launch on FakeTensors (shape propagation, torch.compile tracing) does nothing,
+    as the traced kernel call does on a GPU."""
+    wrapped = torch.library.wrap_triton(kernel)
+    if wrapped is not kernel:
+        return wrapped
+
+    class _Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if any(isinstance(a, torch._subclasses.FakeTensor) for a in args):
+                    return None
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    return _Launcher()
+
+
 @torch.library.triton_op("gptfast::flash_attention_fwd", mutates_args=())
 def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_seqlens: torch.Tensor | None,
                         seed: torch.Tensor | None, dropout_p: float, softmax_scale: float,
                         arch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, Tq, D) output and the (B, H, Tq) fp32 log-sum-exp (log2 units) the backward needs."""
-    return _launch_fwd(q, k, v, cache_seqlens, seed, dropout_p, softmax_scale, _arch(arch), torch.library.wrap_triton)
+    return _launch_fwd(q, k, v, cache_seqlens, seed, dropout_p, softmax_scale, _arch(arch), _wrap)
 
 
 @torch.library.triton_op("gptfast::flash_attention_bwd", mutates_args=())
@@ -618,8 +646,7 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         dropout_p: float, softmax_scale: float,
                         arch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv -- deterministic: every gradient element is written by exactly one program."""
-    return _launch_bwd(do, q, k, v, o, lse, cache_seqlens, seed, dropout_p, softmax_scale, _arch(arch),
-                       torch.library.wrap_triton)
+    return _launch_bwd(do, q, k, v, o, lse, cache_seqlens, seed, dropout_p, softmax_scale, _arch(arch), _wrap)
 
 
 def _setup_context(ctx, inputs, output):
