@@ -37,6 +37,18 @@ std::vector<bool> allowed_mask(const py::object& allowed) {
 // A Python int -> token id, with the errors Python's own conversions give.
 inline Rank id_of(PyObject* o) {
     unsigned long v;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyLong_CheckExact(o) && PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) {
+        Py_ssize_t c = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
+        if (c >= 0) return Rank(c);
+    }
+#elif !defined(PYPY_VERSION)
+    if (PyLong_CheckExact(o)) {  // one 30-bit digit: read it directly
+        Py_ssize_t size = Py_SIZE(o);
+        if (size == 1) return Rank(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
+        if (size == 0) return 0;
+    }
+#endif
     if (PyLong_CheckExact(o)) {
         v = PyLong_AsUnsignedLong(o);
     } else {
@@ -100,14 +112,40 @@ class PyEncoder {
         return std::make_unique<PyEncoder>(std::move(enc));
     }
 
+    // ids -> list of the prebuilt ints. For long lists the references are added per distinct id
+    // (one histogram pass) instead of one Py_INCREF per element, which would touch a scattered
+    // int object for every token.
     py::list to_list(const std::vector<Rank>& ids) const {
-        PyObject* list = PyList_New(Py_ssize_t(ids.size()));
+        const size_t n = ids.size();
+        PyObject* list = PyList_New(Py_ssize_t(n));
         if (!list) throw py::error_already_set();
         PyObject* const* table = reinterpret_cast<PyObject* const*>(ints_.data());
-        for (size_t i = 0; i < ids.size(); ++i) {
-            PyObject* o = table[ids[i]];
-            Py_INCREF(o);
-            PyList_SET_ITEM(list, Py_ssize_t(i), o);
+        PyObject** items = reinterpret_cast<PyListObject*>(list)->ob_item;
+#if defined(Py_GIL_DISABLED)
+        const bool bulk = false;
+#else
+        const bool bulk = n >= 4096;
+#endif
+        if (!bulk) {
+            for (size_t i = 0; i < n; ++i) {
+                PyObject* o = table[ids[i]];
+                Py_INCREF(o);
+                items[i] = o;
+            }
+            return py::reinterpret_steal<py::list>(list);
+        }
+        std::vector<uint32_t> count(ints_.size(), 0);
+        for (size_t i = 0; i < n; ++i) {
+            ++count[ids[i]];
+            items[i] = table[ids[i]];
+        }
+        for (size_t id = 0; id < count.size(); ++id) {
+            if (!count[id]) continue;
+            PyObject* o = table[id];
+#if PY_VERSION_HEX >= 0x030C0000
+            if (_Py_IsImmortal(o)) continue;
+#endif
+            Py_SET_REFCNT(o, Py_REFCNT(o) + Py_ssize_t(count[id]));
         }
         return py::reinterpret_steal<py::list>(list);
     }

@@ -176,13 +176,22 @@ void RankTable::build(const std::vector<std::pair<std::string, Rank>>& items) {
         slots_[i] = Slot{head, uint32_t(s.size()), kv.second, uint32_t(arena_.size())};
         arena_ += s;
         ++count_;
+        max_len_ = std::max(max_len_, s.size());
     }
 }
+
+uint64_t RankTable::key_head(const uint8_t* p, size_t n) { return load_head(p, n); }
+uint64_t RankTable::key_hash(const uint8_t* p, size_t n, uint64_t head) { return hash_bytes(p, n, head); }
 
 Rank RankTable::find(const uint8_t* p, size_t n) const {
     if (count_ == 0 || n == 0) return kNoRank;
     const uint64_t head = load_head(p, n);
-    uint64_t i = hash_bytes(p, n, head) & mask_;
+    return find_hashed(p, n, head, hash_bytes(p, n, head));
+}
+
+Rank RankTable::find_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash) const {
+    if (count_ == 0 || n == 0) return kNoRank;
+    uint64_t i = hash & mask_;
     for (;;) {
         const Slot& s = slots_[i];
         if (s.len == 0) return kNoRank;
@@ -291,13 +300,19 @@ std::vector<std::pair<std::string, Rank>> Encoder::parse_tiktoken(std::string_vi
 
 Encoder::Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<std::pair<std::string, Rank>> specials)
     : specials_(std::move(specials)) {
+    static std::atomic<uint64_t> next_uid{1};
+    uid_ = next_uid.fetch_add(1);
     table_.build(ranks);
     for (int b = 0; b < 256; ++b) {
         char c = char(b);
-        if (table_.find(std::string_view(&c, 1)) == kNoRank)
+        byte_rank_[b] = table_.find(std::string_view(&c, 1));
+        if (byte_rank_[b] == kNoRank)
             throw InvalidArgument("the vocabulary lacks the single byte " + std::to_string(b) +
                                   "; every one of the 256 bytes must be a token");
     }
+    pair2_.assign(65536, kNoRank);
+    for (auto& kv : ranks)
+        if (kv.first.size() == 2) pair2_[size_t(uint8_t(kv.first[0])) << 8 | uint8_t(kv.first[1])] = kv.second;
     uint64_t max_id = 0;
     for (auto& kv : ranks) max_id = std::max<uint64_t>(max_id, kv.second);
     for (auto& kv : specials_) {
@@ -350,13 +365,16 @@ std::string Encoder::to_tiktoken() const {
 void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
     uint32_t st[kSmallPiece + 2];  // part i is [st[i], st[i+1])
     Rank rk[kSmallPiece + 2];      // rk[i]: rank of parts i and i+1 joined
+    Rank part[kSmallPiece + 2];    // rank of part i
     size_t cnt = n + 1;            // boundaries
     for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
+    for (size_t i = 0; i < n; ++i) part[i] = byte_rank_[p[i]];
     auto pair_rank = [&](size_t i) -> Rank {
         if (i + 2 >= cnt) return kNoRank;
-        return table_.find(p + st[i], st[i + 2] - st[i]);
+        return find(p + st[i], st[i + 2] - st[i]);
     };
-    for (size_t i = 0; i + 1 < cnt; ++i) rk[i] = pair_rank(i);
+    for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair2_[size_t(p[i]) << 8 | p[i + 1]];
+    rk[n - 1] = kNoRank;
     while (cnt > 2) {
         Rank best = kNoRank;
         size_t bi = 0;
@@ -368,18 +386,20 @@ void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
         if (best == kNoRank) break;
         std::memmove(&st[bi + 1], &st[bi + 2], (cnt - bi - 2) * sizeof(st[0]));
         std::memmove(&rk[bi + 1], &rk[bi + 2], (cnt - bi - 3) * sizeof(rk[0]));
+        std::memmove(&part[bi + 1], &part[bi + 2], (cnt - bi - 3) * sizeof(part[0]));
+        part[bi] = best;
         --cnt;
         rk[bi] = pair_rank(bi);
         if (bi > 0) rk[bi - 1] = pair_rank(bi - 1);
     }
-    for (size_t i = 0; i + 1 < cnt; ++i) out.push_back(table_.find(p + st[i], st[i + 1] - st[i]));
+    out.insert(out.end(), part, part + (cnt - 1));
 }
 
 namespace {
 // Scratch space for long pieces: a bucket queue keyed by (rank, position).
 struct LargeWork {
     std::vector<uint32_t> nxt, prv;
-    std::vector<Rank> cur;
+    std::vector<Rank> cur, part;
     std::vector<std::vector<uint32_t>> fifo;  // positions pushed in increasing order
     std::vector<uint32_t> fifo_head;
     std::vector<std::vector<uint32_t>> heap;  // min-heaps of positions pushed later
@@ -449,12 +469,14 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
     thread_local LargeWork w;
     w.prepare(n, n_vocab_);
     const uint32_t N = uint32_t(n);
+    w.part.resize(n + 1);
+    for (uint32_t i = 0; i < N; ++i) w.part[i] = byte_rank_[p[i]];
     for (uint32_t i = 0; i < N; ++i) {
         w.nxt[i] = i + 1;
         w.prv[i] = i == 0 ? kMissing : i - 1;
     }
     for (uint32_t i = 0; i + 1 < N; ++i) {
-        Rank r = table_.find(p + i, 2);
+        Rank r = pair2_[size_t(p[i]) << 8 | p[i + 1]];
         w.cur[i] = r;
         if (r != kNoRank) w.push_initial(r, i);
     }
@@ -462,7 +484,7 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
     auto pair_rank = [&](uint32_t i) -> Rank {  // part i joined with the next part
         uint32_t j = w.nxt[i];
         if (j >= N) return kNoRank;
-        return table_.find(p + i, w.nxt[j] - i);
+        return find(p + i, w.nxt[j] - i);
     };
     for (;;) {
         Rank r = w.first();
@@ -472,6 +494,7 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
         uint32_t q = w.nxt[pos];
         uint32_t after = w.nxt[q];
         w.nxt[pos] = after;
+        w.part[pos] = r;
         if (after < N) w.prv[after] = pos;
         w.cur[q] = kNoRank;
         w.nxt[q] = kMissing;
@@ -485,28 +508,109 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
             if (pr != kNoRank) w.push(pr, pp);
         }
     }
-    for (uint32_t i = 0; i < N; i = w.nxt[i]) out.push_back(table_.find(p + i, w.nxt[i] - i));
+    for (uint32_t i = 0; i < N; i = w.nxt[i]) out.push_back(w.part[i]);
 }
 
+namespace {
+// A per-thread, direct-mapped cache of short pieces that are more than one token: code and
+// non-English text repeat the same identifiers and words, and a lookup is far cheaper than BPE.
+struct PieceCache {
+    static constexpr size_t kKey = 30, kTokens = 8, kSlots = size_t(1) << 17;
+    struct Entry {
+        uint8_t key_len = 0, n_tokens = 0;
+        uint8_t key[kKey];
+        Rank tokens[kTokens];
+    };
+    std::vector<Entry> entries;
+    uint64_t owner = 0;  // uid of the Encoder the entries belong to
+};
+}  // namespace
+
 void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
-    Rank r = table_.find(p, n);
-    if (r != kNoRank) {
-        out.push_back(r);
-    } else if (n <= kSmallPiece) {
-        bpe_small(p, n, out);
-    } else {
-        bpe_large(p, n, out);
+    if (n <= 2) {
+        Rank r = find(p, n);
+        if (r != kNoRank) return out.push_back(r);
+        return bpe_small(p, n, out);
+    }
+    if (n > PieceCache::kKey && n > table_.max_len()) return n <= kSmallPiece ? bpe_small(p, n, out) : bpe_large(p, n, out);
+    const uint64_t head = RankTable::key_head(p, n);
+    encode_hashed(p, n, head, RankTable::key_hash(p, n, head), out);
+}
+
+namespace {
+thread_local PieceCache t_cache;
+}
+
+// A piece of 3 or more bytes, short enough for the table or the cache, with its hash.
+void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t h, std::vector<Rank>& out) const {
+    if (n <= table_.max_len()) {
+        Rank r = table_.find_hashed(p, n, head, h);
+        if (r != kNoRank) return out.push_back(r);
+    }
+    if (n > PieceCache::kKey) return n <= kSmallPiece ? bpe_small(p, n, out) : bpe_large(p, n, out);
+    PieceCache& cache = t_cache;
+    if (cache.owner != uid_) {
+        cache.entries.assign(PieceCache::kSlots, PieceCache::Entry());
+        cache.owner = uid_;
+    }
+    PieceCache::Entry& e = cache.entries[(h >> 17) & (PieceCache::kSlots - 1)];
+    if (e.key_len == n && std::memcmp(e.key, p, n) == 0) {
+        out.insert(out.end(), e.tokens, e.tokens + e.n_tokens);
+        return;
+    }
+    const size_t before = out.size();
+    bpe_small(p, n, out);
+    const size_t got = out.size() - before;
+    if (got <= PieceCache::kTokens) {
+        e.key_len = uint8_t(n);
+        e.n_tokens = uint8_t(got);
+        std::memcpy(e.key, p, n);
+        std::memcpy(e.tokens, out.data() + before, got * sizeof(Rank));
     }
 }
 
+// Splits ahead in groups of pieces, computing their hashes and prefetching their table slots and
+// cache entries before looking any of them up: the lookups then overlap instead of each waiting
+// on memory.
 void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
     const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
-    out.reserve(out.size() + text.size() / 3 + 16);
+    const size_t n = text.size();
+    out.reserve(out.size() + n / 2 + 16);
+    constexpr size_t kGroup = 16;
+    struct Piece {
+        size_t begin, len;
+        uint64_t head, hash;
+    };
+    Piece group[kGroup];
+    const size_t cacheable = std::max(table_.max_len(), PieceCache::kKey);
+    PieceCache& cache = t_cache;
+    if (cache.owner != uid_) {
+        cache.entries.assign(PieceCache::kSlots, PieceCache::Entry());
+        cache.owner = uid_;
+    }
     size_t pos = 0;
-    while (pos < text.size()) {
-        size_t end = gpt2_piece_end(text, pos);
-        encode_piece(s + pos, end - pos, out);
-        pos = end;
+    while (pos < n) {
+        size_t g = 0;
+        while (g < kGroup && pos < n) {
+            size_t end = gpt2_piece_end(text, pos);
+            Piece& pc = group[g++];
+            pc.begin = pos;
+            pc.len = end - pos;
+            if (pc.len > 2 && pc.len <= cacheable) {
+                pc.head = RankTable::key_head(s + pos, pc.len);
+                pc.hash = RankTable::key_hash(s + pos, pc.len, pc.head);
+                table_.prefetch(pc.hash);
+                __builtin_prefetch(&cache.entries[(pc.hash >> 17) & (PieceCache::kSlots - 1)]);
+            }
+            pos = end;
+        }
+        for (size_t k = 0; k < g; ++k) {
+            const Piece& pc = group[k];
+            if (pc.len > 2 && pc.len <= cacheable)
+                encode_hashed(s + pc.begin, pc.len, pc.head, pc.hash, out);
+            else
+                encode_piece(s + pc.begin, pc.len, out);
+        }
     }
 }
 

@@ -66,8 +66,14 @@ class RankTable {
   public:
     void build(const std::vector<std::pair<std::string, Rank>>& items);
     Rank find(const uint8_t* p, size_t n) const;
+    // find() with the key's head and hash precomputed (see key_hash).
+    Rank find_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash) const;
+    void prefetch(uint64_t hash) const { __builtin_prefetch(&slots_[hash & mask_]); }
+    static uint64_t key_head(const uint8_t* p, size_t n);
+    static uint64_t key_hash(const uint8_t* p, size_t n, uint64_t head);
     Rank find(std::string_view s) const { return find(reinterpret_cast<const uint8_t*>(s.data()), s.size()); }
     size_t size() const { return count_; }
+    size_t max_len() const { return max_len_; }
 
   private:
     struct Slot {
@@ -80,6 +86,7 @@ class RankTable {
     std::string arena_;
     uint64_t mask_ = 0;
     size_t count_ = 0;
+    size_t max_len_ = 0;
 };
 
 class Encoder {
@@ -117,15 +124,26 @@ class Encoder {
     const std::vector<std::pair<std::string, Rank>>& specials() const { return specials_; }
 
   private:
+    void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out) const;
     void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
     void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
 
+    Rank find(const uint8_t* p, size_t n) const {  // rank of p[0, n), with shortcuts for 1 and 2 bytes
+        if (n == 2) return pair2_[size_t(p[0]) << 8 | p[1]];
+        if (n == 1) return byte_rank_[p[0]];
+        if (n > table_.max_len()) return kNoRank;
+        return table_.find(p, n);
+    }
+
     RankTable table_;
+    Rank byte_rank_[256];
+    std::vector<Rank> pair2_;  // rank of every 2-byte string (kNoRank where none)
     std::vector<std::pair<std::string, Rank>> specials_;
     // decoder: id -> [offset, offset+len) in dec_arena_ (len 0xFFFFFFFF: no such token)
     std::vector<uint32_t> dec_off_, dec_len_;
     std::string dec_arena_;
     size_t n_vocab_ = 0;
+    uint64_t uid_ = 0;  // distinguishes encoders in per-thread caches (addresses can be reused)
 };
 
 // Counts of distinct pieces of a corpus (the input of the trainer).

@@ -1,0 +1,188 @@
+"""Tokenizer benchmarks: gptfast.Tokenizer side by side with tiktoken's gpt2 encoding (CPU).
+
+The corpus mixes code, English prose and non-English text taken from files that ship with
+Python and the operating system, so it can be rebuilt anywhere without a download:
+
+* code:        the standard library's ``.py`` files;
+* prose:       ``/usr/share/doc`` (plain and gzipped text), plus the stdlib's ``.txt``/``.rst``;
+* non-English: translations in ``/usr/share/locale/*/LC_MESSAGES/*.mo`` and the UTF-8 samples of
+               the stdlib's ``test/cjkencodings``.
+
+Files are taken in sorted order (deterministic) until each third of the target size is full;
+when a source runs short the others fill the gap. The result is cached in the temp directory.
+``python -m bench --only tokenizer`` runs these cases; ``--quick`` uses a 2 MB corpus.
+"""
+
+from __future__ import annotations
+
+import gettext
+import glob
+import gzip
+import hashlib
+import os
+import sysconfig
+import tempfile
+
+from .harness import Case, Context
+
+MB = 1_000_000
+FULL_SIZE = 32 * MB
+QUICK_SIZE = 2 * MB
+
+
+def _stdlib() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _code_files():
+    root = _stdlib()
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        if "site-packages" not in path:
+            yield path
+
+
+def _prose_files():
+    yield from sorted(p for p in glob.glob("/usr/share/doc/**/*", recursive=True) if os.path.isfile(p))
+    root = _stdlib()
+    for ext in ("txt", "rst"):
+        yield from sorted(p for p in glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True)
+                          if "site-packages" not in p)
+
+
+def _foreign_texts():
+    yield from ((p, None) for p in sorted(glob.glob(os.path.join(_stdlib(), "test", "cjkencodings", "*-utf8.txt"))))
+    for p in sorted(glob.glob("/usr/share/locale/*/LC_MESSAGES/*.mo")):
+        yield p, "mo"
+
+
+def _read_text(path: str, kind: str | None = None) -> str | None:
+    try:
+        if kind == "mo":
+            with open(path, "rb") as f:
+                catalog = gettext.GNUTranslations(f)._catalog
+            msgs = [v for k, v in sorted(catalog.items(), key=lambda kv: str(kv[0])) if k and isinstance(v, str)]
+            return "\n".join(msgs) + "\n"
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read(4 * MB)
+        if b"\0" in data:
+            return None
+        return data.decode("utf-8")
+    except Exception:  # unreadable, binary or not UTF-8: skip it
+        return None
+
+
+def _take(items, budget: int, kind_aware: bool = False) -> list[str]:
+    out, size = [], 0
+    for item in items:
+        path, kind = item if kind_aware else (item, None)
+        text = _read_text(path, kind)
+        if not text:
+            continue
+        out.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= budget:
+            break
+    return out
+
+
+def build_corpus(size: int) -> list[str]:
+    """Documents (one per file) totalling at least ``size`` UTF-8 bytes when the sources allow."""
+    third = size // 3
+    docs = _take(_code_files(), third) + _take(_prose_files(), third) + _take(_foreign_texts(), third, kind_aware=True)
+    total = sum(len(d.encode("utf-8")) for d in docs)
+    if total < size:  # top up with more code, which the standard library has plenty of
+        docs += _take(_code_files(), 2 * size - total)
+    return _trim(docs, size)
+
+
+def _trim(docs: list[str], size: int) -> list[str]:
+    out, total = [], 0
+    for d in docs:
+        if total >= size:
+            break
+        out.append(d)
+        total += len(d.encode("utf-8"))
+    return out
+
+
+def corpus(size: int) -> list[str]:
+    """``build_corpus``, cached in the temp directory (rebuilt if the cache is unreadable)."""
+    key = hashlib.sha1(f"gptfast-tokenizer-corpus-v1-{size}".encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"gptfast-tokenizer-corpus-{size // MB}MB-{key}.txt")
+    sep = "\n\x00\x00DOC\x00\x00\n"
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().split(sep)
+        except (OSError, UnicodeDecodeError):
+            pass
+    docs = build_corpus(size)
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(sep.join(docs))
+    os.replace(tmp, path)
+    return docs
+
+
+def _describe(docs: list[str]) -> str:
+    return f"{sum(len(d.encode('utf-8')) for d in docs) / MB:.0f} MB mixed"
+
+
+def cases(ctx: Context) -> list[Case]:
+    if not ctx.wants("tokenizer"):
+        return []
+    try:
+        import tiktoken
+    except ImportError:
+        ctx.skip("tokenizer: tiktoken is not installed (the baseline)")
+        return []
+    from gptfast.tokenizer import Tokenizer
+
+    try:
+        fast = Tokenizer.gpt2(impl="fast")
+    except ImportError as e:
+        ctx.skip(f"tokenizer: the C++ extension is not built ({e})")
+        return []
+    enc = tiktoken.get_encoding("gpt2")
+    core = fast._core
+
+    docs = corpus(QUICK_SIZE if ctx.quick else FULL_SIZE)
+    text = "\n".join(docs)
+    nbytes = len(text.encode("utf-8"))
+    shape = _describe(docs)
+    ids = enc.encode_ordinary(text)
+    out: list[Case] = []
+
+    def add(op, impl, fn, work, shape_=shape, baseline=False, note="", unit="MB/s"):
+        out.append(Case(op=op, shape=shape_, impl=impl, fn=fn, unit=unit, work=work, baseline=baseline, note=note,
+                        min_time_s=1.0))
+
+    op = "tokenizer.encode_ordinary"
+    add(op, "tiktoken", lambda: enc.encode_ordinary(text), nbytes, baseline=True, note="1 thread, list of ints")
+    add(op, "fast", lambda: fast.encode_ordinary(text), nbytes, note="1 thread, list of ints")
+
+    op = "tokenizer.encode_ordinary_batch"
+    add(op, "tiktoken", lambda: enc.encode_ordinary_batch(docs, num_threads=2), nbytes, baseline=True, note="2 threads")
+    add(op, "fast", lambda: fast.encode_ordinary_batch(docs, num_threads=2), nbytes, note="2 threads")
+
+    op = "tokenizer.encode_to_numpy"
+    add(op, "core", lambda: core.count_ordinary(text), nbytes, baseline=True,
+        note="the C++ core alone: ids into a C++ vector, no Python objects")
+    add(op, "fast", lambda: fast.encode_to_numpy(text), nbytes, note="uint32 array")
+    add(op, "tiktoken", lambda: enc.encode_to_numpy(text), nbytes, note="uint32 array")
+
+    op = "tokenizer.decode_bytes"
+    add(op, "tiktoken", lambda: enc.decode_bytes(ids), nbytes, baseline=True, note="list of ints -> bytes")
+    add(op, "fast", lambda: fast.decode_bytes(ids), nbytes, note="list of ints -> bytes")
+
+    import random
+
+    rng = random.Random(0)
+    n_word = 200_000 if ctx.quick else 1_000_000
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n_word))
+    op = "tokenizer.encode_single_piece"
+    wshape = f"{n_word / MB:g} MB single word"
+    add(op, "tiktoken", lambda: enc.encode_ordinary(word), n_word, shape_=wshape, baseline=True, note="random a-z")
+    add(op, "fast", lambda: fast.encode_ordinary(word), n_word, shape_=wshape, note="random a-z")
+    return out
