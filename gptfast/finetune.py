@@ -61,9 +61,10 @@ class FinetuneConfig:
     seed: int = 123
     device: str = "cpu"
     progress: bool = True
+    keep_last: int = 1  # step folders kept (the newest ones)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_every", "eval_iters"):
+        for name in ("epochs", "batch_size", "eval_every", "eval_iters", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora_rank < 0:
@@ -105,7 +106,7 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
 
     ``loss_batch(inputs, targets, model, device)`` gives a batch's loss; every ``eval_every`` steps and
     after each epoch the mean train/val loss over ``eval_iters`` batches (and ``extra_eval(model)``'s
-    dict) goes to ``metrics.jsonl``; after each epoch ``step-N/`` is saved. Returns the metric records.
+    dict) goes to ``metrics.jsonl``; after each epoch ``step-N/`` is saved (the newest ``keep_last`` are kept). Returns the metric records.
     """
     from tqdm.auto import tqdm
 
@@ -157,8 +158,17 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
         if step % cfg.eval_every:
             evaluate(step, epoch, examples)
         save_finetuned(model, os.path.join(cfg.out_dir, f"step-{step}"), extra_config)
+        for old in _step_folders(cfg.out_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old)
     bar.close()
     return history
+
+
+def _step_folders(run_dir):
+    """This run's ``step-N`` folders, oldest first."""
+    steps = [(int(n[5:]), os.path.join(run_dir, n)) for n in os.listdir(run_dir)
+             if n.startswith("step-") and n[5:].isdigit()]
+    return [path for _, path in sorted(steps)]
 
 
 def _split(n, val_fraction, seed):

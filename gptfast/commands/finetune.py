@@ -27,6 +27,7 @@ def _common(p, epochs):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", default=None, help="ops backend: auto, reference or triton")
     p.add_argument("--seed", type=int, default=123, help="random seed (default 123)")
+    p.add_argument("--keep-last", type=int, default=1, help="step-N checkpoints to keep, newest first (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -58,7 +59,7 @@ def run(args):
         cfg = FinetuneConfig(out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, eval_every=args.eval_every, eval_iters=args.eval_iters,
                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed, device=device,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, keep_last=args.keep_last)
         if args.task == "classify":
             _, history = finetune_classifier(
                 args.base, args.data, cfg, text_column=args.text_column, label_column=args.label_column,
