@@ -108,7 +108,7 @@ def _fwd_tile(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["T_Q", "T_K"])
+@triton.jit(do_not_specialize=["T_Q", "T_K", "split_len"])
 def _attn_fwd_kernel(
     Q,  # (B, H, Tq, D) queries, read through their strides
     K,  # (B, H, Tk, D) keys
@@ -117,15 +117,19 @@ def _attn_fwd_kernel(
     LSE,  # (B * H, Tq) fp32 out: log2 of each row's softmax denominator, in log2 units
     SEQLENS,  # (B,) int: position of each row's first query (read only when HAS_CACHE)
     SEED,  # (1,) int64: Philox seed (read only when DROPOUT)
+    PART_ACC,  # (B * H, splits, Tq, BLOCK_D) fp32 out: each key split's unnormalized output (SPLIT_KV)
+    PART_M,  # (B * H, splits, Tq) fp32 out: each split's row maximum (SPLIT_KV)
+    PART_L,  # (B * H, splits, Tq) fp32 out: each split's row denominator (SPLIT_KV)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T_Q, T_K,
+    split_len,  # keys per split (a multiple of BLOCK_N) when SPLIT_KV
     qk_scale,  # softmax_scale * log2(e)
     dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_CACHE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_CACHE: tl.constexpr, DROPOUT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -162,19 +166,71 @@ def _attn_fwd_kernel(
     full_end = (tl.minimum(offset + start_m * BLOCK_M, T_K) // BLOCK_N) * BLOCK_N
     # Keys up to the tile's last query position: the diagonal band, masked. Beyond it: skipped.
     end = tl.minimum(offset + (start_m + 1) * BLOCK_M, T_K)
-    for start_n in range(0, full_end, BLOCK_N):
+    lo = 0
+    if SPLIT_KV:  # decode against a long cache: this program takes keys lo .. lo + split_len only
+        lo = tl.program_id(2) * split_len
+        end = tl.minimum(end, lo + split_len)
+    for start_n in range(lo, tl.minimum(full_end, end), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_tile, V_tile, stride_kt, stride_vt,
                                   q_pos, start_n, offs_m, offs_n, offs_d, T_K, qk_scale, seed, rng_base,
                                   dropout_p, HEAD_DIM, BLOCK_D, False, DROPOUT, DOT_PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
+    for start_n in range(tl.maximum(full_end, lo), end, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_tile, V_tile, stride_kt, stride_vt,
                                   q_pos, start_n, offs_m, offs_n, offs_d, T_K, qk_scale, seed, rng_base,
                                   dropout_p, HEAD_DIM, BLOCK_D, True, DROPOUT, DOT_PRECISION)
 
-    # every query sees key 0, so l_i > 0 on real rows; padded rows are never stored
+    if SPLIT_KV:  # leave (acc, m_i, l_i) for _attn_fwd_combine_kernel; a split past a row's keys leaves -inf, 0
+        part = (off_bh.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * T_Q + offs_m  # (BLOCK_M,)
+        row_ok = offs_m < T_Q
+        tl.store(PART_ACC + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(PART_M + part, m_i, mask=row_ok)
+        tl.store(PART_L + part, l_i, mask=row_ok)
+    else:
+        # every query sees key 0, so l_i > 0 on real rows; padded rows are never stored
+        acc = acc / l_i[:, None]
+        tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
+                 mask=q_mask)
+        tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=offs_m < T_Q)
+
+
+@triton.jit(do_not_specialize=["T_Q", "num_splits"])
+def _attn_fwd_combine_kernel(
+    PART_ACC,  # (B * H, splits, Tq, BLOCK_D) fp32: each split's unnormalized output
+    PART_M,  # (B * H, splits, Tq) fp32: each split's row maximum (log2 units; -inf if it saw no key)
+    PART_L,  # (B * H, splits, Tq) fp32: each split's row denominator
+    O,  # (B, H, Tq, D) out
+    LSE,  # (B * H, Tq) fp32 out
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T_Q, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the key splits of a decode step: the online softmax's update, once per split."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    b = off_bh // H
+    h = off_bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T_Q
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(0, num_splits):  # split 0 holds key 0, so m_i is finite from the start on real rows
+        part = (off_bh.to(tl.int64) * num_splits + split) * T_Q + offs_m
+        m_s = tl.load(PART_M + part, mask=row_ok, other=0.0)
+        l_s = tl.load(PART_L + part, mask=row_ok, other=0.0)
+        acc_s = tl.load(PART_ACC + part[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=offs_m < T_Q)
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + off_bh.to(tl.int64) * T_Q + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 # Backward. With S = scale * Q K^T (masked), P = softmax(S) row-wise, Z the dropout mask already
@@ -323,7 +379,8 @@ def _dq_tile(
     dq, q, do, lse, delta, K_tile, V_tile, stride_kt, stride_vt,
     q_pos, start_n, offs_m, offs_n, offs_d,
     T_K, qk_scale, seed, rng_base, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Add the keys ``start_n .. start_n + BLOCK_N`` to one query tile's dQ."""
     k_pos = start_n + offs_n
@@ -431,16 +488,18 @@ def _block_d(head_dim):
 def configs(arch, dtype):
     """Every config a launch on ``arch`` (None: the CPU interpreter) with ``dtype`` inputs may use.
 
-    Keys: ``kernel`` ("fwd", "decode", "bwd_delta", "bwd_dkdv", "bwd_dq"), ``BLOCK_D`` (padded head
+    Keys: ``kernel`` ("fwd", "decode", "combine", "bwd_delta", "bwd_dkdv", "bwd_dq"), ``BLOCK_D`` (padded head
     dim), ``BLOCK_M`` (queries per tile), ``BLOCK_N`` (keys per tile), ``num_warps``, ``num_stages``;
-    decode configs also carry ``bucket`` ("short" or "long" cache).
+    decode configs also carry ``bucket``: "short" cache, or "long" (split over the keys, then merged by
+    the "combine" kernel).
     """
     out = []
     if arch is None:  # the interpreter: one fixed config per kernel, small tiles, uneven M/N
         for d in HEAD_DIMS:
             out += [_cfg("fwd", d, 64, 32, 4, 1), _cfg("decode", d, 16, 32, 4, 1, bucket="short"),
                     _cfg("decode", d, 16, 32, 4, 1, bucket="long"), _cfg("bwd_delta", d, 64, d, 4, 1),
-                    _cfg("bwd_dkdv", d, 32, 64, 4, 1), _cfg("bwd_dq", d, 64, 32, 4, 1)]
+                    _cfg("bwd_dkdv", d, 32, 64, 4, 1), _cfg("bwd_dq", d, 64, 32, 4, 1),
+                    _cfg("combine", d, 16, d, 4, 1)]
         return out
     if arch not in SUPPORTED_ARCHS:
         return []  # sm_75: its 64 KB of shared memory and no bf16 tensor cores -- the reference runs there
@@ -465,7 +524,8 @@ def configs(arch, dtype):
             dq = _cfg("bwd_dq", d, 32, 32, 4, 2)
             short = _cfg("decode", d, 16, 32, 4, 2, bucket="short")
             long = _cfg("decode", d, 16, 32 if d > 64 else 64, 4, 2, bucket="long")
-        out += [fwd, short, long, _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1), dkdv, dq]
+        out += [fwd, short, long, _cfg("combine", d, 16, d, 4, 1),
+                _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1), dkdv, dq]
     return out
 
 
@@ -485,7 +545,8 @@ _SIG_NAMES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*
 
 def resource_specs(arch, dtype):
     """What ``python -m bench.resources`` compiles: every config of :func:`configs`, in its costliest
-    variant (dropout on, and a cache for the decode configs), head-dim stride 1 as at runtime."""
+    variant (dropout on; a cache, and the key split for long ones, in the decode configs), head-dim
+    stride 1 as at runtime."""
     ptr = _SIG_NAMES[dtype]
     precision = "ieee" if dtype == torch.float32 else "tf32"
     specs = []
@@ -494,11 +555,19 @@ def resource_specs(arch, dtype):
         common = {"HEAD_DIM": c["BLOCK_D"], "BLOCK_D": c["BLOCK_D"]}
         if kernel in ("fwd", "decode"):
             fn = _attn_fwd_kernel
-            tensors = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "SEQLENS": "*i64", "SEED": "*i64"}
+            tensors = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "SEQLENS": "*i64", "SEED": "*i64",
+                       "PART_ACC": "*fp32", "PART_M": "*fp32", "PART_L": "*fp32"}
             groups = "qkvo"
-            scalars = {"H": "i32", "T_Q": "i32", "T_K": "i32", "qk_scale": "fp32", "dropout_p": "fp32"}
+            scalars = {"H": "i32", "T_Q": "i32", "T_K": "i32", "split_len": "i32", "qk_scale": "fp32",
+                       "dropout_p": "fp32"}
             const = dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_CACHE=kernel == "decode",
-                         DROPOUT=True, DOT_PRECISION=precision)
+                         DROPOUT=True, SPLIT_KV=c.get("bucket") == "long", DOT_PRECISION=precision)
+        elif kernel == "combine":
+            fn = _attn_fwd_combine_kernel
+            tensors = {"PART_ACC": "*fp32", "PART_M": "*fp32", "PART_L": "*fp32", "O": ptr, "LSE": "*fp32"}
+            groups = ["o"]
+            scalars = {"H": "i32", "T_Q": "i32", "num_splits": "i32"}
+            const = dict(common, BLOCK_M=c["BLOCK_M"])
         elif kernel == "bwd_delta":
             fn = _attn_bwd_delta_kernel
             tensors = {"O": ptr, "DO": ptr, "DELTA": "*fp32"}
@@ -525,10 +594,11 @@ def resource_specs(arch, dtype):
         for name in const:
             if not name.startswith("stride_"):
                 signature[name] = "constexpr"
+        signature = {name: signature[name] for name in fn.arg_names}  # in the kernel's argument order
         label = f"{kernel} D={c['BLOCK_D']} BLOCK_M={c['BLOCK_M']} BLOCK_N={c['BLOCK_N']}"
         if "bucket" in c:
             label += f" ({c['bucket']} cache)"
-        if kernel != "bwd_delta":
+        if kernel not in ("bwd_delta", "combine"):
             label += " dropout"
         specs.append({"kernel": fn, "signature": signature, "constexprs": const, "num_warps": c["num_warps"],
                       "num_stages": c["num_stages"], "label": label})
@@ -552,18 +622,50 @@ def _launch_fwd(q, k, v, cache_seqlens, seed, dropout_p, softmax_scale, arch, wr
     if o.numel() == 0:
         return o, lse
     c = _pick(arch, q.dtype, "fwd", d, t_q if cache_seqlens is not None else None, t_k)
-    grid = (triton.cdiv(t_q, c["BLOCK_M"]), b * h)
-    wrap(_attn_fwd_kernel)[grid](
+    m_tiles = triton.cdiv(t_q, c["BLOCK_M"])
+    splits, split_len = 1, t_k
+    if c.get("bucket") == "long":  # flash-decoding: spread a long cache over programs, merge after
+        splits, split_len = _kv_splits(b * h * m_tiles, t_k, c["BLOCK_N"], q.device)
+    part_acc = part_m = part_l = lse  # placeholders: only read when SPLIT_KV
+    if splits > 1:
+        part_acc = torch.empty((b * h, splits, t_q, c["BLOCK_D"]), device=q.device, dtype=torch.float32)
+        part_m = torch.empty((b * h, splits, t_q), device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+    wrap(_attn_fwd_kernel)[(m_tiles, b * h, splits)](
         q, k, v, o, lse,
         cache_seqlens if cache_seqlens is not None else lse,
         seed if seed is not None else lse,
+        part_acc, part_m, part_l,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, t_q, t_k, softmax_scale * LOG2E, dropout_p,
+        h, t_q, t_k, split_len, softmax_scale * LOG2E, dropout_p,
         HEAD_DIM=d, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        HAS_CACHE=cache_seqlens is not None, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_precision(q.dtype),
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
+        HAS_CACHE=cache_seqlens is not None, DROPOUT=dropout_p > 0.0, SPLIT_KV=splits > 1,
+        DOT_PRECISION=_precision(q.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
+    if splits > 1:
+        cc = _pick(arch, q.dtype, "combine", d)
+        wrap(_attn_fwd_combine_kernel)[(triton.cdiv(t_q, cc["BLOCK_M"]), b * h)](
+            part_acc, part_m, part_l, o, lse, *o.stride(), h, t_q, splits,
+            HEAD_DIM=d, BLOCK_D=cc["BLOCK_D"], BLOCK_M=cc["BLOCK_M"], num_warps=cc["num_warps"],
+        )
     return o, lse
+
+
+_SM_COUNT: dict = {}
+
+
+def _kv_splits(programs, t_k, block_n, device):
+    """(number of key splits, keys per split) for a decode step: about two programs per SM in all,
+    each split at least 4 key tiles long; the grid changes with the cache, the compiled kernel does not."""
+    if device.type == "cuda":
+        if device not in _SM_COUNT:
+            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _SM_COUNT[device]
+    else:
+        sms = 4  # the interpreter: a few splits, so the tests cover the merge
+    splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(t_k, 4 * block_n), 64))
+    split_len = triton.cdiv(triton.cdiv(t_k, splits), block_n) * block_n
+    return triton.cdiv(t_k, split_len), split_len
 
 
 def _launch_bwd(do, q, k, v, o, lse, cache_seqlens, seed, dropout_p, softmax_scale, arch, wrap):
