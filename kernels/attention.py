@@ -226,6 +226,7 @@ def _attn_fwd_combine_kernel(
         l_i = l_i * alpha + l_s * beta
         acc = acc * alpha[:, None] + acc_s * beta[:, None]
         m_i = m_new
+    l_i = tl.where(row_ok, l_i, 1.0)  # padded rows: never stored, kept finite
     acc = acc / l_i[:, None]
     O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
