@@ -90,6 +90,24 @@ def test_hub_style_keys_buffers_and_bin(hf_model, tmp_path, tokens):
     torch.testing.assert_close(ours(from_pretrained(binary), tokens), expected, atol=1e-5, rtol=0)
 
 
+def test_sharded_safetensors_and_dtype(hf_model, hf_folder, tmp_path, tokens):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hf_folder / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, tmp_path / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((hf_folder / "config.json").read_text())
+    torch.testing.assert_close(ours(from_pretrained(tmp_path), tokens), hf_logits(hf_model, tokens), atol=1e-5, rtol=0)
+    half = from_pretrained(hf_folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in half.parameters())
+
+
 def _have_all_kernels():
     missing = [op for op in ("attention", "layer_norm", "feed_forward") if ops.kernel_module(op)[0] is None]
     return missing

@@ -9,10 +9,10 @@ from __future__ import annotations
 HELP = "fine-tune a pretrained GPT-2: text classification (chapter 6) or instruction following (chapter 7)"
 
 
-def _common(p, epochs):
+def _common(p, epochs, data_help):
     p.add_argument("--base", required=True, metavar="DIR|NAME",
                    help="pretrained model: a folder (Hugging Face, gptfast, training run, model.pth) or gpt2...gpt2-xl")
-    p.add_argument("--data", required=True, metavar="FILE", help="training data (see the task's help)")
+    p.add_argument("--data", required=True, metavar="FILE", help=data_help)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: step-N/ checkpoints, metrics.jsonl")
     p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the data (default {epochs}, as the book)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
@@ -34,14 +34,14 @@ def _common(p, epochs):
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     c = sub.add_parser("classify", help="train a classifier head on a CSV of texts and labels (chapter 6)")
-    _common(c, epochs=5)
+    _common(c, epochs=5, data_help="CSV file with a text column and a label column (integers or names)")
     c.add_argument("--text-column", default="Text", help="CSV column with the text (default Text; case-insensitive)")
     c.add_argument("--label-column", default="Label", help="CSV column with the label (default Label)")
     c.add_argument("--num-classes", type=int, default=None, help="number of classes (default: from the labels)")
     c.add_argument("--val-data", default=None, metavar="FILE", help="validation CSV (default: 10%% of --data)")
     c.add_argument("--trainable-blocks", type=int, default=1, help="last blocks to train without LoRA (default 1)")
     i = sub.add_parser("instruct", help="instruction-tune on a JSON list of {instruction, input, output} (chapter 7)")
-    _common(i, epochs=2)
+    _common(i, epochs=2, data_help='JSON file: a list of {"instruction", "input", "output"} entries')
     i.add_argument("--samples", type=int, default=3, help="validation entries to answer into responses.json (default 3)")
     i.add_argument("--max-new-tokens", type=int, default=256, help="longest generated response (default 256)")
 
