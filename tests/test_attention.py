@@ -308,11 +308,20 @@ def test_growing_cache_does_not_recompile():
     # the lengths are runtime arguments (do_not_specialize): a decode step per length reuses one kernel
     _, k, v, _ = _inputs(1, 1, 1, 16, seed=20, t_k=80)
     q = torch.randn(1, 1, 1, 16, device=DEVICE)
+
+    def compiled():  # the interpreter compiles nothing, so only a GPU can count compiled variants
+        return len(K._attn_fwd_kernel.device_caches[torch.cuda.current_device()][0]) if DEVICE == "cuda" else 0
+
+    before = None
     for n in range(40, 50):  # lengths that change divisibility and parity at every step
-        K.causal_attention(q, k[:, :, : n + 1], v[:, :, : n + 1], cache_seqlens=torch.tensor([n], device=DEVICE),
-                           arch=ARCH)
-    if DEVICE == "cuda":  # the interpreter compiles nothing, so only a GPU can count compiled variants
-        assert len(K._attn_fwd_kernel.device_caches[torch.cuda.current_device()][0]) == 1
+        out = K.causal_attention(q, k[:, :, : n + 1], v[:, :, : n + 1],
+                                 cache_seqlens=torch.tensor([n], device=DEVICE), arch=ARCH)
+        before = compiled() if before is None else before
+    assert compiled() == before
+    seqlens = torch.tensor([49], device=DEVICE)
+    ref64 = reference.causal_attention(q.double(), k[:, :, :50].double(), v[:, :, :50].double(), cache_seqlens=seqlens)
+    ref32 = reference.causal_attention(q, k[:, :, :50], v[:, :, :50], cache_seqlens=seqlens)
+    assert_close("last step", out, ref64, ref32, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
