@@ -267,7 +267,10 @@ def test_dropout_replays_under_activation_checkpointing():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t_q,lengths,t_k", [(1, [5, 0, 17], 18), (3, [30, 2], 40), (1, [1100], 1101)])
+# one query; a few; a chunked prefill past the decode configs (20 > 16 queries); a cache long enough
+# to be split over programs and merged
+@pytest.mark.parametrize("t_q,lengths,t_k", [(1, [5, 0, 17], 18), (3, [30, 2], 40), (20, [5, 13], 40),
+                                             (1, [1100], 1101)])
 def test_decode_matches_full_attention_on_the_prefix(t_q, lengths, t_k):
     b, h, d = len(lengths), 2, 32
     full_t = max(lengths) + t_q
