@@ -115,6 +115,7 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    check_out_dir(cfg.out_dir)
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, METRICS_FILE)
     checkpoint.atomic_write_bytes(metrics_path, b"")
@@ -171,6 +172,13 @@ def _step_folders(run_dir):
     return [path for _, path in sorted(steps)]
 
 
+def check_out_dir(out_dir):
+    """Refuse a folder that already holds a run: its step folders would mix with (and be pruned by) this one."""
+    if os.path.isdir(out_dir) and _step_folders(out_dir):
+        raise FileExistsError(f"{out_dir} already holds a run's checkpoints (step-N folders); "
+                              f"choose a new --out folder, or move that run away first")
+
+
 def _split(n, val_fraction, seed):
     """Shuffled train/val index lists; at least one example in each when there are two or more."""
     if not 0.0 < val_fraction < 1.0:
@@ -190,6 +198,7 @@ def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text
                         num_classes=None, max_length=None, val_data=None, val_fraction=0.1, trainable_blocks=1,
                         backend=None, model=None):
     """Chapter 6 end to end: a classifier from ``base`` trained on the CSV ``data``; returns (model, history)."""
+    check_out_dir(cfg.out_dir)
     tokenizer = tokenizer or default_tokenizer()
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -235,6 +244,7 @@ def finetune_instructions(base, data, cfg: FinetuneConfig, *, tokenizer=None, ma
     for up to ``samples`` validation entries. Returns (model, history)."""
     from .train import calc_loss_batch
 
+    check_out_dir(cfg.out_dir)
     tokenizer = tokenizer or default_tokenizer()
     torch.manual_seed(cfg.seed)
     entries = load_instruction_data(data) if isinstance(data, (str, os.PathLike)) else list(data)

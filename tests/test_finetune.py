@@ -239,6 +239,12 @@ def test_cli_classify_with_lora(base_folder, spam_csv, tmp_path, tok, capsys):
     assert classify_review(SPAM[1], model, tok, "cpu") in ("spam", "not spam")
     config = json.load(open(out / "step-4" / "config.json"))
     assert config["task"] == "classify" and config["num_classes"] == 2
+    # a second run into the same folder is refused: it would mix with (and prune) the first run's steps
+    capsys.readouterr()
+    assert main(["finetune", "classify", "--base", str(base_folder), "--data", str(spam_csv), "--out", str(out),
+                 "--no-progress", "--device", "cpu"]) == 2
+    assert "already holds a run's checkpoints" in capsys.readouterr().err
+    assert os.path.isdir(out / "step-4")
 
 
 def test_cli_instruct(base_folder, tmp_path, capsys):

@@ -69,7 +69,7 @@ def run(args):
             _, history = finetune_instructions(args.base, args.data, cfg, max_length=args.max_length,
                                                samples=args.samples, max_new_tokens=args.max_new_tokens,
                                                backend=args.backend)
-    except (DatasetError, WeightsError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, WeightsError, FileNotFoundError, FileExistsError, ValueError) as e:
         raise CommandError(str(e)) from None
     last = history[-1] if history else {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float))
