@@ -201,14 +201,14 @@ def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text
     check_out_dir(cfg.out_dir)
     tokenizer = tokenizer or default_tokenizer()
     torch.manual_seed(cfg.seed)
+    kw = dict(text_column=text_column, label_column=label_column, num_classes=num_classes)
+    train_set = ClassificationDataset(data, tokenizer, max_length=max_length, **kw)  # bad data fails before loading
     if model is None:
         model = _load_base(base, 0.0, backend, cfg.device)
     context = model.cfg.context_length
     if max_length is not None and max_length > context:
         raise ValueError(f"max_length {max_length} exceeds the model's context_length {context}")
-    kw = dict(text_column=text_column, label_column=label_column, num_classes=num_classes)
-    train_set = ClassificationDataset(data, tokenizer, max_length=max_length, **kw)
-    if train_set.max_length > context:
+    if train_set.max_length > context:  # texts longer than the model sees: keep their first tokens
         train_set = ClassificationDataset(data, tokenizer, max_length=context, **kw)
     labels, pad = train_set.labels, train_set.pad_token_id
     n_classes = max(2, num_classes or train_set.num_classes)
