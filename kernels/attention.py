@@ -9,14 +9,15 @@ and accumulates dQ over its keys -- no atomics, so gradients are bitwise reprodu
 
 Dropout is applied inside the kernels, on the attention weights as the book applies it
 (``dropout(softmax(S)) @ V``): a keep/drop decision per (batch*head, query, key) from Philox
-(``tl.rand``), keyed by a seed drawn from torch's default generator at call time and by the
+(``tl.rand4x``), keyed by a seed drawn from torch's default generator at call time and by the
 element's position, so the backward pass regenerates the same mask and ``torch.manual_seed``
 reproduces a run.
 
 With ``cache_seqlens`` the same kernels serve a KV cache: query ``i`` of row ``b`` sits at position
 ``cache_seqlens[b] + i`` and sees keys ``0 .. cache_seqlens[b] + i``. Decode steps (a few queries
-against a long cache) get their own small-query configs, bucketed by cache length; the lengths are
-runtime arguments that Triton does not specialize on, so a growing cache never recompiles.
+against a cache) get their own small-query configs, bucketed by cache length: a long cache is split
+over several programs and merged by a combine kernel (flash-decoding). The lengths are runtime
+arguments that Triton does not specialize on, so a growing cache never recompiles.
 
 Layout, as every kernel module: private ``@triton.jit`` kernels -> launchers -> the custom ops
 (``gptfast::flash_attention_fwd`` / ``gptfast::flash_attention_bwd``, ``torch.library.triton_op``)
