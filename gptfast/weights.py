@@ -360,8 +360,11 @@ def _cfg_with(fields: dict, drop_rate, tie_weights, overrides) -> GPTConfig:
         raise WeightsError(f"bad config: {e}") from None
 
 
-def load_hf_folder(folder, backend=None, *, device="cpu", dtype=None, drop_rate=None, tie_weights=None, **overrides):
-    """A Hugging Face GPT-2 folder (``config.json`` + weights) -> :class:`~gptfast.GPTModel`."""
+def load_hf_folder(folder, backend=None, *, device="cpu", dtype=None, drop_rate=None, tie_weights=None, sources=None,
+                   **overrides):
+    """A Hugging Face GPT-2 folder (``config.json`` + weights) -> :class:`~gptfast.GPTModel`.
+
+    ``sources`` replaces the folder's own weight files (a state dict file named otherwise)."""
     path = os.path.join(folder, HF_CONFIG)
     with open(path) as f:
         try:
@@ -370,7 +373,8 @@ def load_hf_folder(folder, backend=None, *, device="cpu", dtype=None, drop_rate=
             raise WeightsError(f"{path} is not valid JSON ({e})") from None
     cfg = _cfg_with(config_from_hf(hf, path), drop_rate, bool(tie_weights), overrides)
     model = _empty_model(cfg, backend)
-    _load_sources(model, _open_sources(folder), folder, device, dtype, cfg.tie_weights)
+    sources = _open_sources(folder) if sources is None else sources
+    _load_sources(model, sources, folder, device, dtype, cfg.tie_weights)
     return model
 
 
@@ -394,18 +398,19 @@ def load_model_folder(folder, backend=None, *, device="cpu", dtype=None, drop_ra
     return model
 
 
-def _infer_book_config(state: dict, source: str) -> dict:
-    """The book's config from a bare state dict's shapes (n_heads from GPT-2's sizes)."""
+def _infer_book_config(state: dict, source: str, n_heads=None) -> dict:
+    """The book's config from a bare state dict's shapes (n_heads from GPT-2's sizes unless given)."""
     try:
         vocab, e = state["tok_emb.weight"].shape
         context = state["pos_emb.weight"].shape[0]
     except KeyError as err:
         raise WeightsError(f"{source} lacks {err.args[0]}, so it is not the book's GPTModel state dict") from None
     layers = {int(m.group(1)) for k in state if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
-    if e not in _HEADS_BY_WIDTH:
+    if n_heads is None and e not in _HEADS_BY_WIDTH:
         raise WeightsError(f"{source} has emb_dim {e}, which is not a GPT-2 size, so the number of heads is unknown: "
-                           f"pass n_heads=... (or put a gptfast config.json beside it)")
-    return dict(vocab_size=int(vocab), context_length=int(context), emb_dim=int(e), n_heads=_HEADS_BY_WIDTH[e],
+                           f"pass n_heads=... to from_pretrained")
+    return dict(vocab_size=int(vocab), context_length=int(context), emb_dim=int(e),
+                n_heads=n_heads or _HEADS_BY_WIDTH[e],
                 n_layers=len(layers), drop_rate=GPT_CONFIG_124M["drop_rate"],
                 qkv_bias="trf_blocks.0.att.W_query.bias" in state)
 
@@ -419,8 +424,10 @@ def load_torch_file(path, backend=None, *, device="cpu", dtype=None, drop_rate=N
             raise WeightsError(f"{path} holds Hugging Face GPT-2 tensors but {folder or '.'} has no {HF_CONFIG} "
                                f"to say the model's size")
         return load_hf_folder(folder, backend, device=device, dtype=dtype, drop_rate=drop_rate,
-                              tie_weights=tie_weights, **overrides)
-    cfg = _cfg_with(_infer_book_config(state, path), drop_rate, tie_weights, overrides)
+                              tie_weights=tie_weights, sources=[_DictSource(state, path)], **overrides)
+    cfg = _cfg_with(_infer_book_config(state, path, overrides.get("n_heads")), drop_rate, tie_weights, overrides)
+    if cfg.tie_weights:  # out_head shares tok_emb: the file's own copy is not loaded
+        state = {k: v for k, v in state.items() if k != "out_head.weight"}
     model = _empty_model(cfg, backend)
     _load_book_state(model, state, path, device, dtype)
     return model

@@ -88,6 +88,8 @@ def test_hub_style_keys_buffers_and_bin(hf_model, tmp_path, tokens):
     torch.save(hf_model.state_dict(), binary / "pytorch_model.bin")
     (binary / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
     torch.testing.assert_close(ours(from_pretrained(binary), tokens), expected, atol=1e-5, rtol=0)
+    os.rename(binary / "pytorch_model.bin", binary / "weights.pth")  # a file named otherwise, beside config.json
+    torch.testing.assert_close(ours(from_pretrained(binary / "weights.pth"), tokens), expected, atol=1e-5, rtol=0)
 
 
 def test_sharded_safetensors_and_dtype(hf_model, hf_folder, tmp_path, tokens):
@@ -161,6 +163,12 @@ def test_book_state_dict_round_trip(tmp_path, tokens):
     torch.save({"model_state_dict": book.state_dict(), "optimizer_state_dict": {}}, tmp_path / "both.pth")
     torch.testing.assert_close(ours(from_pretrained(tmp_path / "both.pth"), tokens), ours(book, tokens))
     assert from_pretrained(tmp_path).cfg.emb_dim == 768
+    # a width that is not one of GPT-2's: the number of heads must be given
+    small = GPTModel(dict(cfg, emb_dim=48, n_heads=6)).eval()
+    torch.save(small.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(WeightsError, match=r"emb_dim 48, which is not a GPT-2 size.*pass n_heads="):
+        from_pretrained(tmp_path / "small.pth")
+    torch.testing.assert_close(ours(from_pretrained(tmp_path / "small.pth", n_heads=6), tokens), ours(small, tokens))
 
 
 def test_load_weights_into_gpt_from_the_books_params(hf_model, tokens):
