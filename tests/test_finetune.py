@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import gptfast
 from gptfast import GPTModel, checkpoint
 from gptfast.classify import (ClassificationDataset, DatasetError, SpamDataset, calc_accuracy_loader, calc_loss_loader,
                               classification_logits, classify_review, prepare_for_classification,

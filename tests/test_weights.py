@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-import gptfast
 from gptfast import GPTModel, checkpoint, ops
 from gptfast.weights import UnsafeCheckpointError, WeightsError, from_pretrained, load_weights_into_gpt
 
