@@ -396,19 +396,22 @@ void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
 }
 
 namespace {
-// Scratch space for long pieces: a bucket queue keyed by (rank, position).
+// Scratch space for long pieces: parts as a linked list over byte positions (one 16-byte node per
+// position, so a merge touches few cache lines) and a bucket queue keyed by (rank, position).
 struct LargeWork {
-    std::vector<uint32_t> nxt, prv;
-    std::vector<Rank> cur, part;
+    struct Node {
+        uint32_t nxt, prv;  // next/previous part start
+        Rank cur;           // rank of this part joined with the next one
+        Rank part;          // rank of this part
+    };
+    std::vector<Node> node;
     std::vector<std::vector<uint32_t>> fifo;  // positions pushed in increasing order
     std::vector<uint32_t> fifo_head;
     std::vector<std::vector<uint32_t>> heap;  // min-heaps of positions pushed later
     std::vector<uint64_t> bits0, bits1;       // non-empty buckets
 
     void prepare(size_t n, size_t n_ranks) {
-        nxt.resize(n + 1);
-        prv.resize(n + 1);
-        cur.resize(n + 1);
+        node.resize(n + 1);
         if (fifo.size() < n_ranks) {
             fifo.resize(n_ranks);
             fifo_head.resize(n_ranks, 0);
@@ -449,6 +452,7 @@ struct LargeWork {
         uint32_t pos;
         if (hd < f.size() && (h.empty() || f[hd] < h.front())) {
             pos = f[hd++];
+            if (hd + 8 < f.size()) __builtin_prefetch(&node[f[hd + 8]]);
         } else {
             std::pop_heap(h.begin(), h.end(), std::greater<uint32_t>());
             pos = h.back();
@@ -469,46 +473,43 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
     thread_local LargeWork w;
     w.prepare(n, n_vocab_);
     const uint32_t N = uint32_t(n);
-    w.part.resize(n + 1);
-    for (uint32_t i = 0; i < N; ++i) w.part[i] = byte_rank_[p[i]];
+    LargeWork::Node* nd = w.node.data();
     for (uint32_t i = 0; i < N; ++i) {
-        w.nxt[i] = i + 1;
-        w.prv[i] = i == 0 ? kMissing : i - 1;
-    }
-    for (uint32_t i = 0; i + 1 < N; ++i) {
-        Rank r = pair2_[size_t(p[i]) << 8 | p[i + 1]];
-        w.cur[i] = r;
+        nd[i].nxt = i + 1;
+        nd[i].prv = i == 0 ? kMissing : i - 1;
+        nd[i].part = byte_rank_[p[i]];
+        Rank r = i + 1 < N ? pair2_[size_t(p[i]) << 8 | p[i + 1]] : kNoRank;
+        nd[i].cur = r;
         if (r != kNoRank) w.push_initial(r, i);
     }
-    w.cur[N - 1] = kNoRank;
     auto pair_rank = [&](uint32_t i) -> Rank {  // part i joined with the next part
-        uint32_t j = w.nxt[i];
+        uint32_t j = nd[i].nxt;
         if (j >= N) return kNoRank;
-        return find(p + i, w.nxt[j] - i);
+        return find(p + i, nd[j].nxt - i);
     };
     for (;;) {
         Rank r = w.first();
         if (r == kNoRank) break;
         uint32_t pos = w.pop(r);
-        if (w.cur[pos] != r) continue;  // stale entry
-        uint32_t q = w.nxt[pos];
-        uint32_t after = w.nxt[q];
-        w.nxt[pos] = after;
-        w.part[pos] = r;
-        if (after < N) w.prv[after] = pos;
-        w.cur[q] = kNoRank;
-        w.nxt[q] = kMissing;
+        if (nd[pos].cur != r) continue;  // stale entry
+        uint32_t q = nd[pos].nxt;
+        uint32_t after = nd[q].nxt;
+        nd[pos].nxt = after;
+        nd[pos].part = r;
+        if (after < N) nd[after].prv = pos;
+        nd[q].cur = kNoRank;
+        nd[q].nxt = kMissing;
         Rank nr = pair_rank(pos);
-        w.cur[pos] = nr;
+        nd[pos].cur = nr;
         if (nr != kNoRank) w.push(nr, pos);
-        uint32_t pp = w.prv[pos];
+        uint32_t pp = nd[pos].prv;
         if (pp != kMissing) {
             Rank pr = pair_rank(pp);
-            w.cur[pp] = pr;
+            nd[pp].cur = pr;
             if (pr != kNoRank) w.push(pr, pp);
         }
     }
-    for (uint32_t i = 0; i < N; i = w.nxt[i]) out.push_back(w.part[i]);
+    for (uint32_t i = 0; i < N; i = nd[i].nxt) out.push_back(nd[i].part);
 }
 
 namespace {
@@ -672,8 +673,7 @@ std::vector<std::vector<Rank>> Encoder::encode_batch(const std::vector<std::stri
 }
 
 size_t Encoder::count_ordinary(std::string_view text) const {
-    thread_local std::vector<Rank> buf;
-    buf.clear();
+    std::vector<Rank> buf;  // a fresh vector, as encode_to_numpy uses
     encode_ordinary(text, buf);
     return buf.size();
 }
