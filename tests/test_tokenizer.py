@@ -52,9 +52,9 @@ CONTEXTS = [
 
 @pytest.mark.parametrize("ctx", range(len(CONTEXTS)))
 def test_every_scalar_value_matches_tiktoken(enc, fast, ctx):
-    for part in chunks(SCALARS, 4):
-        text = "\n".join(CONTEXTS[ctx](chr(c)) for c in part)
-        assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+    texts = ["\n".join(CONTEXTS[ctx](chr(c)) for c in part) for part in chunks(SCALARS, 4)]
+    assert fast.encode_ordinary(texts[0]) == enc.encode_ordinary(texts[0])
+    assert fast.encode_ordinary_batch(texts[1:], num_threads=2) == enc.encode_ordinary_batch(texts[1:], num_threads=2)
 
 
 def _boundary_vocab():
@@ -74,15 +74,14 @@ def test_every_scalar_value_class_matches_tiktoken():
     oracle = tiktoken.Encoding("boundaries", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
     mine = Tokenizer(ranks, {}, name="boundaries", impl="fast")
     for marker in ("a", "1", "!", "\t\tx", " a"):
-        for part in chunks(SCALARS, 4):
-            text = "x".join(f"{chr(c)}{marker}" for c in part)
-            assert mine.encode_ordinary(text) == oracle.encode_ordinary(text), repr(marker)
+        texts = ["x".join(f"{chr(c)}{marker}" for c in part) for part in chunks(SCALARS, 4)]
+        assert mine.encode_ordinary_batch(texts, num_threads=2) == oracle.encode_ordinary_batch(texts, num_threads=2), repr(marker)
 
 
 def test_reference_splitter_matches_core_on_every_scalar_value():
     from gptfast import _bpe
 
-    text = "".join(f"{chr(c)}{chr(c)} \t" for c in SCALARS)
+    text = "".join(f"{chr(c)}{chr(c)}\t" for c in SCALARS)
     ours = bpe_reference.split_gpt2(text)
     assert [p.encode("utf-8") for p in ours] == _bpe.split_gpt2(text)
 
