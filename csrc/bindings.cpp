@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -10,11 +11,77 @@
 
 #include "bpe.h"
 
+#if PY_VERSION_HEX < 0x030B0000 && !defined(PYPY_VERSION)
+#include <longintrepr.h>  // PyLongObject's digits (Python.h includes it from 3.11 on)
+#endif
+
 namespace py = pybind11;
 using gptfast::Encoder;
 using gptfast::Rank;
 
+#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000 && !defined(PYPY_VERSION) && \
+    !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_GIL_DISABLED) && PYLONG_BITS_IN_DIGIT == 30
+#define GPTFAST_CONTIGUOUS_INTS 1
+#endif
+
 namespace {
+
+// The ids 0..n-1 as Python ints. Where the int layout allows (CPython 3.8-3.11), they live in one
+// contiguous block, so decoding can turn a list item back into an id from its address alone,
+// without reading the int object. The block holds one reference to each int for as long as it
+// lives, and is freed only if no other reference is left (otherwise it is kept, never dangling).
+class IntTable {
+  public:
+    explicit IntTable(size_t n) : n_(n) {
+#ifdef GPTFAST_CONTIGUOUS_INTS
+        if constexpr (sizeof(PyLongObject) == 32) {
+            if (n < (size_t(1) << 30)) {
+                block_ = static_cast<char*>(std::calloc(n ? n : 1, 32));
+                if (block_) {
+                    for (size_t i = 0; i < n; ++i) {
+                        auto* o = reinterpret_cast<PyLongObject*>(block_ + 32 * i);
+                        PyObject_InitVar(reinterpret_cast<PyVarObject*>(o), &PyLong_Type, i == 0 ? 0 : 1);
+                        o->ob_digit[0] = digit(i);
+                        ptrs_.push_back(reinterpret_cast<PyObject*>(o));
+                    }
+                    return;
+                }
+            }
+        }
+#endif
+        for (size_t i = 0; i < n; ++i) {
+            PyObject* o = PyLong_FromSize_t(i);
+            if (!o) throw py::error_already_set();
+            ptrs_.push_back(o);
+        }
+    }
+    ~IntTable() {
+        if (!block_) {
+            for (PyObject* o : ptrs_) Py_DECREF(o);
+            return;
+        }
+        for (PyObject* o : ptrs_)
+            if (Py_REFCNT(o) != 1) return;  // still referenced from Python: keep the block
+        std::free(block_);
+    }
+    IntTable(const IntTable&) = delete;
+    IntTable& operator=(const IntTable&) = delete;
+
+    PyObject* const* data() const { return ptrs_.data(); }
+    size_t size() const { return n_; }
+    py::object get(size_t i) const { return py::reinterpret_borrow<py::object>(ptrs_[i]); }
+    // The id of one of our own ints, from its address; -1 for any other object.
+    int64_t own_id(PyObject* o) const {
+        uintptr_t d = reinterpret_cast<uintptr_t>(o) - reinterpret_cast<uintptr_t>(block_);
+        if (block_ && d < 32 * n_ && (d & 31) == 0) return int64_t(d >> 5);
+        return -1;
+    }
+
+  private:
+    size_t n_;
+    char* block_ = nullptr;
+    std::vector<PyObject*> ptrs_;
+};
 
 // str -> UTF-8 view (the str keeps the bytes alive). Surrogates raise UnicodeEncodeError,
 // which the Python class handles; anything but str raises TypeError.
@@ -62,35 +129,39 @@ inline Rank id_of(PyObject* o) {
     return Rank(v);
 }
 
-std::vector<Rank> ids_of(const py::handle& tokens) {
-    std::vector<Rank> ids;
-    PyObject* seq = PySequence_Fast(tokens.ptr(), "expected a sequence of token ids");
-    if (!seq) throw py::error_already_set();
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
-    ids.resize(size_t(n));
-    try {
-        for (Py_ssize_t i = 0; i < n; ++i) {
-            try {
-                ids[size_t(i)] = id_of(items[i]);
-            } catch (py::value_error&) {
-                PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
-                throw py::error_already_set();
-            }
+// Converts items[0, n) of a list of ids into `out`.
+void ids_of(PyObject** items, size_t n, const IntTable* own, Rank* out) {
+    for (size_t i = 0; i < n; ++i) {
+        const int64_t mine = own->own_id(items[i]);
+        if (mine >= 0) {
+            out[i] = Rank(mine);
+            continue;
         }
-    } catch (...) {
-        Py_DECREF(seq);
-        throw;
+        try {
+            out[i] = id_of(items[i]);
+        } catch (py::value_error&) {
+            PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
+            throw py::error_already_set();
+        }
     }
-    Py_DECREF(seq);
-    return ids;
 }
+
+// A sequence of ids, held as a list or tuple (PySequence_Fast) for the duration.
+struct IdSequence {
+    PyObject* seq;
+    explicit IdSequence(const py::handle& tokens) {
+        seq = PySequence_Fast(tokens.ptr(), "expected a sequence of token ids");
+        if (!seq) throw py::error_already_set();
+    }
+    ~IdSequence() { Py_DECREF(seq); }
+    size_t size() const { return size_t(PySequence_Fast_GET_SIZE(seq)); }
+    PyObject** items() const { return PySequence_Fast_ITEMS(seq); }
+};
 
 class PyEncoder {
   public:
     explicit PyEncoder(std::unique_ptr<Encoder> enc) : enc_(std::move(enc)) {
-        ints_.reserve(enc_->n_vocab());
-        for (size_t i = 0; i < enc_->n_vocab(); ++i) ints_.push_back(py::reinterpret_steal<py::object>(PyLong_FromSize_t(i)));
+        ints_ = std::make_unique<IntTable>(enc_->n_vocab());
     }
 
     static std::unique_ptr<PyEncoder> from_ranks(const std::vector<std::pair<py::bytes, Rank>>& ranks,
@@ -119,7 +190,7 @@ class PyEncoder {
         const size_t n = ids.size();
         PyObject* list = PyList_New(Py_ssize_t(n));
         if (!list) throw py::error_already_set();
-        PyObject* const* table = reinterpret_cast<PyObject* const*>(ints_.data());
+        PyObject* const* table = ints_->data();
         PyObject** items = reinterpret_cast<PyListObject*>(list)->ob_item;
 #if defined(Py_GIL_DISABLED)
         const bool bulk = false;
@@ -134,7 +205,7 @@ class PyEncoder {
             }
             return py::reinterpret_steal<py::list>(list);
         }
-        std::vector<uint32_t> count(ints_.size(), 0);
+        std::vector<uint32_t> count(ints_->size(), 0);
         for (size_t i = 0; i < n; ++i) {
             ++count[ids[i]];
             items[i] = table[ids[i]];
@@ -214,17 +285,27 @@ class PyEncoder {
         return to_list(out);
     }
 
+    // Converted in blocks twice (sizes, then bytes) so no id array as long as the input is built.
     py::bytes decode_bytes(const py::handle& tokens) const {
-        std::vector<Rank> ids = ids_of(tokens);
-        const size_t size = enc_->decoded_size(ids.data(), ids.size());
+        IdSequence seq(tokens);
+        const size_t n = seq.size();
+        PyObject** items = seq.items();
+        constexpr size_t kBlock = 1 << 14;
+        std::vector<Rank> block(std::min(n, kBlock));
+        size_t size = 0;
+        for (size_t start = 0; start < n; start += kBlock) {
+            const size_t m = std::min(kBlock, n - start);
+            ids_of(items + start, m, ints_.get(), block.data());
+            size += enc_->decoded_size(block.data(), m);
+        }
         PyObject* out = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(size));
         if (!out) throw py::error_already_set();
         char* dst = PyBytes_AS_STRING(out);
-        if (ids.size() > (1u << 16)) {
-            py::gil_scoped_release nogil;
-            enc_->decode_to(ids.data(), ids.size(), dst, size);
-        } else {
-            enc_->decode_to(ids.data(), ids.size(), dst, size);
+        size_t done = 0;
+        for (size_t start = 0; start < n; start += kBlock) {
+            const size_t m = std::min(kBlock, n - start);
+            ids_of(items + start, m, ints_.get(), block.data());
+            done += enc_->decode_to(block.data(), m, dst + done, size - done);
         }
         return py::reinterpret_steal<py::bytes>(out);
     }
@@ -244,7 +325,7 @@ class PyEncoder {
     py::object rank_of(const py::bytes& b) const {
         Rank r = enc_->rank_of(std::string_view(b));
         if (r == gptfast::kNoRank) return py::none();
-        return ints_[r];
+        return ints_->get(r);
     }
 
     py::dict mergeable_ranks() const {
@@ -254,7 +335,7 @@ class PyEncoder {
         for (size_t id = 0; id < enc_->n_vocab(); ++id) {
             if (special[id]) continue;
             try {
-                d[py::bytes(enc_->token_bytes(id))] = ints_[id];
+                d[py::bytes(enc_->token_bytes(id))] = ints_->get(id);
             } catch (gptfast::UnknownToken&) {
             }
         }
@@ -268,7 +349,7 @@ class PyEncoder {
 
   private:
     std::unique_ptr<Encoder> enc_;
-    std::vector<py::object> ints_;
+    std::unique_ptr<IntTable> ints_;
 };
 
 py::list split_gpt2(const py::handle& text) {

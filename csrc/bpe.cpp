@@ -320,17 +320,15 @@ Encoder::Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<st
         max_id = std::max<uint64_t>(max_id, kv.second);
     }
     n_vocab_ = size_t(max_id) + 1;
-    dec_off_.assign(n_vocab_, 0);
-    dec_len_.assign(n_vocab_, kMissing);
+    dec_.assign(n_vocab_, Span{0, kMissing});
     size_t total = 0;
     for (auto& kv : ranks) total += kv.first.size();
     for (auto& kv : specials_) total += kv.first.size();
     dec_arena_.reserve(total + kPad);
     auto add = [&](const std::pair<std::string, Rank>& kv) {
-        if (dec_len_[kv.second] != kMissing)
+        if (dec_[kv.second].len != kMissing)
             throw InvalidArgument("two tokens have the id " + std::to_string(kv.second));
-        dec_off_[kv.second] = uint32_t(dec_arena_.size());
-        dec_len_[kv.second] = uint32_t(kv.first.size());
+        dec_[kv.second] = Span{uint32_t(dec_arena_.size()), uint32_t(kv.first.size())};
         dec_arena_ += kv.first;
     };
     for (auto& kv : ranks) add(kv);
@@ -344,8 +342,8 @@ std::string Encoder::to_tiktoken() const {
     std::vector<bool> special(n_vocab_, false);
     for (auto& kv : specials_) special[kv.second] = true;
     for (size_t id = 0; id < n_vocab_; ++id)
-        if (dec_len_[id] != kMissing && !special[id])
-            items.emplace_back(Rank(id), std::string_view(dec_arena_.data() + dec_off_[id], dec_len_[id]));
+        if (dec_[id].len != kMissing && !special[id])
+            items.emplace_back(Rank(id), std::string_view(dec_arena_.data() + dec_[id].off, dec_[id].len));
     std::string out;
     for (auto& it : items) {
         b64_encode(it.second, out);
@@ -684,36 +682,37 @@ size_t Encoder::count_ordinary(std::string_view text) const {
 
 size_t Encoder::decoded_size(const Rank* ids, size_t n) const {
     size_t total = 0;
-    const uint32_t* len = dec_len_.data();
+    const Span* dec = dec_.data();
     const size_t nv = n_vocab_;
     for (size_t i = 0; i < n; ++i) {
-        Rank id = ids[i];
-        if (id >= nv || len[id] == kMissing) throw UnknownToken(id);
-        total += len[id];
+        const Rank id = ids[i];
+        if (id >= nv || dec[id].len == kMissing) throw UnknownToken(id);
+        total += dec[id].len;
     }
     return total;
 }
 
-void Encoder::decode_to(const Rank* ids, size_t n, char* dst, size_t size) const {
+size_t Encoder::decode_to(const Rank* ids, size_t n, char* dst, size_t size) const {
     const char* arena = dec_arena_.data();
+    const Span* dec = dec_.data();
     char* d = dst;
     char* const end = dst + size;
     for (size_t i = 0; i < n; ++i) {
-        const Rank id = ids[i];
-        const uint32_t len = dec_len_[id];
-        const char* src = arena + dec_off_[id];
-        if (len <= 16 && end - d >= 16) {
+        const Span sp = dec[ids[i]];
+        const char* src = arena + sp.off;
+        if (sp.len <= 16 && end - d >= 16) {
             std::memcpy(d, src, 16);  // a fixed-size copy; the arena is padded and the bytes past len are overwritten next
         } else {
-            std::memcpy(d, src, len);
+            std::memcpy(d, src, sp.len);
         }
-        d += len;
+        d += sp.len;
     }
+    return size_t(d - dst);
 }
 
 std::string Encoder::token_bytes(uint64_t id) const {
-    if (id >= n_vocab_ || dec_len_[id] == kMissing) throw UnknownToken(id);
-    return std::string(dec_arena_.data() + dec_off_[id], dec_len_[id]);
+    if (id >= n_vocab_ || dec_[id].len == kMissing) throw UnknownToken(id);
+    return std::string(dec_arena_.data() + dec_[id].off, dec_[id].len);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -114,8 +114,9 @@ class Encoder {
 
     // Byte length of the decoded ids; throws UnknownToken.
     size_t decoded_size(const Rank* ids, size_t n) const;
-    // Writes the bytes of `ids` (checked by decoded_size) to `dst`, which holds `size` bytes.
-    void decode_to(const Rank* ids, size_t n, char* dst, size_t size) const;
+    // Writes the bytes of `ids` (checked by decoded_size) to `dst`, which has room for `size`
+    // bytes; returns the number written.
+    size_t decode_to(const Rank* ids, size_t n, char* dst, size_t size) const;
     std::string token_bytes(uint64_t id) const;  // throws UnknownToken
 
     Rank rank_of(std::string_view bytes) const { return table_.find(bytes); }
@@ -139,8 +140,11 @@ class Encoder {
     Rank byte_rank_[256];
     std::vector<Rank> pair2_;  // rank of every 2-byte string (kNoRank where none)
     std::vector<std::pair<std::string, Rank>> specials_;
-    // decoder: id -> [offset, offset+len) in dec_arena_ (len 0xFFFFFFFF: no such token)
-    std::vector<uint32_t> dec_off_, dec_len_;
+    // decoder: id -> bytes [off, off + len) of dec_arena_ (len 0xFFFFFFFF: no such token)
+    struct Span {
+        uint32_t off, len;
+    };
+    std::vector<Span> dec_;
     std::string dec_arena_;
     size_t n_vocab_ = 0;
     uint64_t uid_ = 0;  // distinguishes encoders in per-thread caches (addresses can be reused)
