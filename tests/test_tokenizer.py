@@ -419,3 +419,19 @@ def test_impl_selection(monkeypatch):
     with pytest.raises(ValueError, match="impl"):
         T.Tokenizer.gpt2(impl="rust")
     assert T.Tokenizer.gpt2(impl="reference").impl == "reference"
+
+
+def test_ids_are_plain_ints_that_outlive_the_tokenizer(enc):
+    import gc
+
+    tok = Tokenizer.train(["abc abc abd"], 260, progress=False, impl="fast")
+    ids = tok.encode("abc abd")
+    expected = [int(str(i)) for i in ids]
+    del tok
+    gc.collect()
+    assert all(type(i) is int for i in ids)
+    assert ids == expected and pickle.loads(pickle.dumps(ids)) == expected
+    assert {i: 1 for i in ids} == {i: 1 for i in expected}
+    big = Tokenizer.gpt2(impl="fast").encode_ordinary("hello world " * 5000)
+    assert big == enc.encode_ordinary("hello world " * 5000)
+    assert sum(big) == sum(enc.encode_ordinary("hello world " * 5000))
