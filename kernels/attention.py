@@ -515,17 +515,18 @@ def configs(arch, dtype):
                 dkdv = _cfg("bwd_dkdv", d, 32, 128, 8, stages)
                 dq = _cfg("bwd_dq", d, 128, 32, 8, stages)
             else:
-                fwd = _cfg("fwd", d, 128, 64 if big_smem else 32, 8, stages)
+                fwd = _cfg("fwd", d, 128, 64 if arch == 90 else 32, 8, stages)
                 dkdv = _cfg("bwd_dkdv", d, 32, 64, 8, stages)
                 dq = _cfg("bwd_dq", d, 64, 32, 8, stages)
             short = _cfg("decode", d, 16, 64, 4, stages, bucket="short")
             long = _cfg("decode", d, 16, 128 if d <= 64 else 64, 4, stages, bucket="long")
         else:  # fp32 tiles hold twice the bytes and ieee dots keep more in registers
-            fwd = _cfg("fwd", d, 32, 32, 4, 2)
-            dkdv = _cfg("bwd_dkdv", d, 32, 32, 4 if d <= 64 else 8, 2)
-            dq = _cfg("bwd_dq", d, 32, 32, 4, 2)
-            short = _cfg("decode", d, 16, 32, 4, 2, bucket="short")
-            long = _cfg("decode", d, 16, 32 if d > 64 else 64, 4, 2, bucket="long")
+            warps = 4 if d <= 64 else 8
+            fwd = _cfg("fwd", d, 32, 32, warps, 2)
+            dkdv = _cfg("bwd_dkdv", d, 32, 32, warps, 2)
+            dq = _cfg("bwd_dq", d, 32, 32, warps, 2)
+            short = _cfg("decode", d, 16, 32, warps, 2, bucket="short")
+            long = _cfg("decode", d, 16, 32 if d > 64 else 64, warps, 2, bucket="long")
         out += [fwd, short, long, _cfg("combine", d, 16, d, 4, 1),
                 _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1), dkdv, dq]
     return out
