@@ -70,8 +70,8 @@ def _resolve_impl(impl: str):
             f"{REQUIRE_EXT_ENV} is set but gptfast's C++ tokenizer (gptfast._bpe) is not built ({err}); {_BUILD_HINT}"
         )
     warnings.warn(
-        f"gptfast's C++ tokenizer is not built ({err}); using the pure-Python reference, which is about "
-        f"100x slower. To fix: {_BUILD_HINT}",
+        f"gptfast's C++ tokenizer is not built ({err}); using the pure-Python reference, which is many times "
+        f"slower. To fix: {_BUILD_HINT}",
         RuntimeWarning,
         stacklevel=3,
     )
