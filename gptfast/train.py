@@ -271,6 +271,27 @@ class _StateView:
         return self._state
 
 
+def _param_names(model, optimizer):
+    """The name of each parameter in the order ``optimizer.state_dict()`` numbers them."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _optimizer_state_by_name(model, optimizer, state):
+    """An optimizer state dict keyed by parameter names (the layout FSDP's full state dict uses), so a
+    checkpoint resumes on one process, under DDP or under FSDP alike."""
+    names = _param_names(model, optimizer)
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+
+
+def _optimizer_state_by_index(model, optimizer, state):
+    """The inverse of :func:`_optimizer_state_by_name`: ``torch.optim``'s own layout."""
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]}
+
+
 def _torch_save_atomic(obj, path):
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
@@ -460,7 +481,13 @@ class Trainer:
         return state
 
     def _load_state(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.fsdp and _dist() is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        else:
+            self.optimizer.load_state_dict(_optimizer_state_by_index(self.model, self.optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         # a run resumed with other --steps stretches (or shortens) its cosine from here on
         self.scheduler.lr_lambdas[0].total = self.cfg.steps
@@ -672,7 +699,7 @@ class Trainer:
             optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         else:
             model_state = self.model.state_dict()
-            optim_state = self.optimizer.state_dict()
+            optim_state = _optimizer_state_by_name(self.model, self.optimizer, self.optimizer.state_dict())
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
