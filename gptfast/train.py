@@ -500,12 +500,13 @@ class Trainer:
         cuda = rng.get("cuda", [])
         if self.device.type == "cuda" and len(cuda) == self.world:
             torch.cuda.set_rng_state(cuda[self.rank], self.device)
-        data = state.get("data", {})
-        for key in ("seed", "batch_size", "grad_accum", "world_size"):
-            if key in data and data[key] != self._data_state()[key] and self.is_main:
-                print(f"warning: the checkpoint was trained with {key}={data[key]}, this run uses "
-                      f"{self._data_state()[key]}; it goes on, but not exactly as the first run would have",
-                      file=sys.stderr)
+        saved, ours = state.get("data", {}), self._data_state()
+        for what, key in (("seed", lambda d: d.get("seed")), ("grad_accum", lambda d: d.get("grad_accum")),
+                          ("global batch (batch_size x processes)",
+                           lambda d: d.get("batch_size", 0) * d.get("world_size", 1))):
+            if key(saved) is not None and key(saved) != key(ours) and self.is_main:
+                print(f"warning: the checkpoint was trained with {what} {key(saved)}, this run uses {key(ours)}; "
+                      f"it goes on, but does not read the batches the first run would have", file=sys.stderr)
 
     def _data_state(self):
         return {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,

@@ -1,5 +1,6 @@
 """Distributed training: ``torchrun --nproc_per_node=2 -m gptfast train`` (gloo on the CPU, loopback only)
-reaches the loss of one process reading the same global batch."""
+reaches the loss of one process reading the same global batch; so does
+``--fsdp``, whose checkpoint resumes on one process."""
 
 import json
 import os
@@ -56,3 +57,16 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-5)
     assert a[-1]["train_loss"] < a[0]["train_loss"]
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # rank 0 alone wrote the run folder
+    # FSDP: the same loss, and its checkpoint (gathered to rank 0) resumes on one process to the same end
+    fsdp = str(tmp_path / "fsdp")
+    cmd[cmd.index(two)] = fsdp
+    cmd[cmd.index("--steps") + 1] = "3"
+    proc = subprocess.run(cmd + ["--fsdp"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metrics(fsdp)[-1]["train_loss"] == pytest.approx(b[2]["train_loss"], abs=1e-5)
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", str(shards), "--out", fsdp, "--batch-size", "4", "--resume", *FLAGS]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert _metrics(fsdp)[-1]["train_loss"] == pytest.approx(b[-1]["train_loss"], abs=1e-5)
