@@ -50,6 +50,13 @@ if "TIKTOKEN_CACHE_DIR" in os.environ or (DATA_DIR is not None and (DATA_DIR / "
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist each worker gets its share of the cores: torch's default of one thread per core in
+# every worker oversubscribes the machine and stalls small models badly.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
