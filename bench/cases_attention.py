@@ -90,7 +90,6 @@ def _group(op, t, dtype_name, impls, p=0.0):
     b = max(1, TOKENS // t)
     flops = 4 * b * HEADS * t * t * HEAD_DIM / 2  # causal forward: QK^T and PV over half the matrix
     backward = op.startswith("attention.fwd+bwd")
-    out = []
     for impl, fn in impls.items():
         key = (op, t, dtype_name, impl)
         make = _fwd_bwd_case if backward else _fwd_case

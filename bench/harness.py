@@ -154,10 +154,9 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write counted), the roofline for memory-bound ops."""
     import torch
 
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src))
-    del src, dst
+    buffers = [torch.empty(nbytes // 4, dtype=torch.float32, device="cuda") for _ in range(2)]
+    ms = time_cuda(lambda: buffers[1].copy_(buffers[0]))
+    buffers.clear()
     torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e9
 

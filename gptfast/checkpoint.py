@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -31,23 +33,46 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def savable_state_dict(model) -> dict:
-    """The model's tensors under the book's names, without mask buffers or a tied out_head, contiguous."""
+def publish_dir(tmp: str, final: str) -> None:
+    """Move the finished folder ``tmp`` to ``final`` by renames, replacing a folder already there.
+
+    A crash at any point leaves either the old ``final`` or the new one in place, never a mix.
+    """
+    import shutil
+
+    if os.path.isdir(final):
+        old = os.path.join(os.path.dirname(os.path.abspath(final)), f".{os.path.basename(final)}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def savable_state_dict(model, state_dict: dict | None = None) -> dict:
+    """The model's tensors under the book's names, without mask buffers or a tied out_head, contiguous.
+
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. one gathered from a sharded or merged model).
+    """
     tied = bool(getattr(getattr(model, "cfg", None), "tie_weights", False))
     out = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if key.endswith(".att.mask") or (tied and key == "out_head.weight"):
             continue
         out[key] = tensor.detach().contiguous()
     return out
 
 
-def save_model(model, folder: str, extra_config: dict | None = None) -> None:
-    """Write ``folder/model.safetensors`` and ``folder/config.json`` (each atomically)."""
+def save_model(model, folder: str, extra_config: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write ``folder/model.safetensors`` and ``folder/config.json`` (each atomically).
+
+    ``state_dict`` replaces ``model.state_dict()``, for weights gathered or merged elsewhere.
+    """
     from safetensors.torch import save
 
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.cpu() for k, v in savable_state_dict(model).items()}
+    state = {k: v.cpu() for k, v in savable_state_dict(model, state_dict).items()}
     atomic_write_bytes(os.path.join(folder, MODEL_FILE), save(state, metadata={"format": "pt", "library": "gptfast"}))
     config = dict(model.cfg.to_dict())
     if extra_config:
@@ -136,3 +161,29 @@ def _materialize_derived(model, device) -> None:
             module.table = sinusoidal_positions(*module.table.shape, device=device)
     if model.cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
+
+
+def step_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """``(N, path)`` of every complete ``step-N`` folder of a run folder, oldest first.
+
+    A half-written step (still under its temporary name, or without its weights file) is not listed.
+    """
+    if not os.path.isdir(run_dir):
+        return []
+    out = []
+    for name in os.listdir(run_dir):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(run_dir, name)
+        if m and os.path.isfile(os.path.join(path, MODEL_FILE)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest ``step-N`` folder of a run folder, or None when it has none.
+
+    >>> latest_checkpoint("/nonexistent") is None
+    True
+    """
+    found = step_dirs(run_dir)
+    return found[-1][1] if found else None

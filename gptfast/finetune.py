@@ -71,16 +71,6 @@ class FinetuneConfig:
             raise ValueError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
 
 
-class _StateView:
-    """What gptfast.checkpoint.save_model reads from a model: ``cfg`` and ``state_dict()``."""
-
-    def __init__(self, cfg, state):
-        self.cfg, self._state = cfg, state
-
-    def state_dict(self):
-        return self._state
-
-
 def save_finetuned(model, folder: str, extra_config: dict) -> None:
     """Write ``folder`` atomically: merged weights + config (+ ``lora/`` adapters when the model has them)."""
     from .lora import lora_layers
@@ -88,17 +78,10 @@ def save_finetuned(model, folder: str, extra_config: dict) -> None:
     parent = os.path.dirname(os.path.abspath(folder))
     tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save_model(_StateView(model.cfg, merged_state_dict(model)), tmp, extra_config=extra_config)
+    checkpoint.save_model(model, tmp, extra_config=extra_config, state_dict=merged_state_dict(model))
     if lora_layers(model):
         save_lora(model, os.path.join(tmp, "lora"))
-    if os.path.isdir(folder):
-        old = os.path.join(parent, f".{os.path.basename(folder)}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    checkpoint.publish_dir(tmp, folder)
 
 
 def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_config: dict, extra_eval=None):
@@ -159,22 +142,15 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
         if step % cfg.eval_every:
             evaluate(step, epoch, examples)
         save_finetuned(model, os.path.join(cfg.out_dir, f"step-{step}"), extra_config)
-        for old in _step_folders(cfg.out_dir)[:-cfg.keep_last]:
+        for _, old in checkpoint.step_dirs(cfg.out_dir)[:-cfg.keep_last]:
             shutil.rmtree(old)
     bar.close()
     return history
 
 
-def _step_folders(run_dir):
-    """This run's ``step-N`` folders, oldest first."""
-    steps = [(int(n[5:]), os.path.join(run_dir, n)) for n in os.listdir(run_dir)
-             if n.startswith("step-") and n[5:].isdigit()]
-    return [path for _, path in sorted(steps)]
-
-
 def check_out_dir(out_dir):
     """Refuse a folder that already holds a run: its step folders would mix with (and be pruned by) this one."""
-    if os.path.isdir(out_dir) and _step_folders(out_dir):
+    if checkpoint.step_dirs(out_dir):
         raise FileExistsError(f"{out_dir} already holds a run's checkpoints (step-N folders); "
                               f"choose a new --out folder, or move that run away first")
 

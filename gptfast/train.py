@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
+from .checkpoint import latest_checkpoint, step_dirs  # noqa: F401  (also part of this module's API)
 from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class TrainingError(RuntimeError):
@@ -225,27 +224,6 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=None):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=bool(fused))
 
 
-def step_dirs(run_dir: str) -> list[tuple[int, str]]:
-    """``(N, path)`` of every complete ``step-N`` folder in ``run_dir``, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    out = []
-    for name in os.listdir(run_dir):
-        m = _STEP_DIR.match(name)
-        path = os.path.join(run_dir, name)
-        if m and os.path.isfile(os.path.join(path, checkpoint.MODEL_FILE)):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest ``step-N`` folder of a training run folder, or None when it has none.
-
-    >>> latest_checkpoint("/nonexistent") is None
-    True
-    """
-    found = step_dirs(run_dir)
-    return found[-1][1] if found else None
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -258,17 +236,6 @@ def resolve_checkpoint(path: str) -> str:
     if latest is None:
         raise FileNotFoundError(f"{path} holds no checkpoint (no step-N folder with {checkpoint.MODEL_FILE})")
     return latest
-
-
-class _StateView:
-    """What :func:`gptfast.checkpoint.save_model` reads from a model (``cfg``, ``state_dict``), for a
-    state dict gathered from a sharded model."""
-
-    def __init__(self, cfg, state):
-        self.cfg, self._state = cfg, state
-
-    def state_dict(self):
-        return self._state
 
 
 def _param_names(model, optimizer):
@@ -725,7 +692,7 @@ class Trainer:
         tmp = os.path.join(out, f".step-{step}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         extra = {"tokenizer": self.data_info["tokenizer"]} if "tokenizer" in self.data_info else None
-        checkpoint.save_model(_StateView(self.model.cfg, model_state), tmp, extra_config=extra)
+        checkpoint.save_model(self.model, tmp, extra_config=extra, state_dict=model_state)
         state = {
             "step": step,
             "optimizer": optim_state,
@@ -735,14 +702,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
         }
         _torch_save_atomic(state, os.path.join(tmp, STATE_FILE))
-        if os.path.isdir(final):  # the same step written again (a resumed run): swap, then drop the old one
-            old = os.path.join(out, f".step-{step}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        checkpoint.publish_dir(tmp, final)  # the same step written again (a resumed run) is swapped in whole
         for _, path in step_dirs(out)[: -self.cfg.keep_last]:
             shutil.rmtree(path)
         barrier()

@@ -474,16 +474,6 @@ def load_weights_into_gpt(gpt, params) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_folder_latest(folder):
-    """The newest ``step-N`` checkpoint in a training run folder, or None."""
-    steps = []
-    for name in os.listdir(folder):
-        m = re.match(r"^step-(\d+)$", name)
-        if m and checkpoint.is_model_folder(os.path.join(folder, name)):
-            steps.append((int(m.group(1)), os.path.join(folder, name)))
-    return max(steps)[1] if steps else None
-
-
 def _is_hf_folder(folder):
     path = os.path.join(folder, HF_CONFIG)
     if not os.path.isfile(path):
@@ -545,7 +535,7 @@ def from_pretrained(path_or_name, backend=None, *, device="cpu", dtype=None, dro
             model = load_hf_folder(path, backend, **kw)
         elif os.path.isfile(os.path.join(path, BOOK_FILE)):
             model = load_torch_file(os.path.join(path, BOOK_FILE), backend, **kw)
-        elif (latest := _run_folder_latest(path)) is not None:
+        elif (latest := checkpoint.latest_checkpoint(path)) is not None:
             model = load_model_folder(latest, backend, **kw)
         else:
             raise WeightsError(

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import gptfast
 from gptfast import GPTModel
 from gptfast.generation import apply_top_k, apply_top_p, generate, generate_text_simple
 
