@@ -85,3 +85,15 @@ def gpt2_files(shared_data):
     if not (d / "encoder.json").is_file():
         pytest.skip(f"GPT-2's encoder.json/vocab.bpe are not in {d}")
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models are fastest that way, and two OpenMP threads stall
+    badly when the cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
