@@ -1,0 +1,328 @@
+"""The block's feed-forward -- Linear E->H, tanh-GELU, Linear H->E -- as fused Triton GEMMs.
+
+One tiled GEMM kernel, ``C = A @ B (+ bias)``, with the pointwise work of the feed-forward folded into
+its loads and its epilogue, so no GELU or GELU-derivative ever costs a pass of its own. With
+x: (M, E), W1 = fc_weight: (H, E), W2 = proj_weight: (E, H):
+
+forward
+    h  = x @ W1^T + b1            epilogue: store h (saved for backward) and g = gelu(h)
+    y  = g @ W2^T + b2
+
+backward (dy: (M, E))
+    dh  = (dy @ W2) * gelu'(h)    epilogue: the GELU derivative, reading h
+    dW2 = dy^T @ gelu(h)          GELU recomputed as h is loaded: g is never saved
+    dW1 = dh^T @ x
+    dx  = dh @ W1
+    db2 = sum_rows(dy), db1 = sum_rows(dh)   (one reduction each, deterministic)
+
+so the autograd function saves x (the op's input) and h alone -- no GELU output and none of the
+composite GELU's intermediates. Transposes are stride swaps: the kernel reads A and B through any
+strides. Order in this file: the kernel -> launchers -> custom ops -> autograd -> the public function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+EPI_NONE = 0  # C = A @ B (+ bias)
+EPI_GELU = 1  # H = A @ B + bias is stored, and C = gelu(H)
+EPI_DGELU = 2  # C = (A @ B) * gelu'(H), H read from memory
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 when exp overflows or underflows
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _gelu(h):
+    # 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
+    return 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+
+
+@triton.jit
+def _gelu_grad(h):
+    # d gelu / dh = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(...)
+    t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+
+
+@triton.jit
+def _ffn_matmul_kernel(
+    A,  # (M, K) left operand, read through stride_am / stride_ak
+    B,  # (K, N) right operand, read through stride_bk / stride_bn
+    C,  # (M, N) output, row-major
+    BIAS,  # (N,) bias, when HAS_BIAS
+    H,  # (M, N) pre-activation: written when EPILOGUE == EPI_GELU, read when EPI_DGELU
+    M, N, K,  # problem size
+    stride_am, stride_ak,  # A's strides
+    stride_bk, stride_bn,  # B's strides
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # EPI_NONE | EPI_GELU | EPI_DGELU
+    GELU_B: tl.constexpr,  # apply gelu to B as it is loaded (B is a pre-activation)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # tiles of M walked together, so B's tiles stay in L2
+    DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32, "tf32" otherwise (ignored for 16-bit inputs)
+):
+    # program id -> (tile row, tile column), grouped along M for L2 reuse
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        if GELU_B:
+            b = _gelu(b.to(tl.float32)).to(a.dtype)  # gelu(0) = 0 keeps the masked padding neutral
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < M) & n_ok[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]  # C and H are row-major (M, N)
+    if EPILOGUE == 1:  # EPI_GELU: keep the pre-activation for backward, pass gelu(h) on
+        tl.store(H + out_offs, acc.to(H.dtype.element_ty), mask=out_mask)
+        acc = _gelu(acc)
+    if EPILOGUE == 2:  # EPI_DGELU: chain rule through the GELU
+        h = tl.load(H + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        acc = acc * _gelu_grad(h)
+    tl.store(C + out_offs, acc.to(C.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs (per arch; one fixed config under the interpreter, where autotuning cannot run)
+# --------------------------------------------------------------------------------------------------
+
+SUPPORTED_ARCHS = (80, 86, 89, 90, 120)
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+# 16-bit inputs: large tiles on the data-centre parts, 99 KB-friendly tiles on consumer cards.
+_CONFIGS_16 = {
+    80: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    90: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    86: {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+}
+# fp32 (exact, input_precision="ieee"): smaller tiles, twice the bytes per element.
+_CONFIGS_32 = {
+    80: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    90: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    86: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
+}
+_ARCH_FAMILY = {80: 80, 86: 86, 89: 86, 90: 90, 120: 86}
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def configs(arch, dtype):
+    """The configs a launch on ``arch`` may use (``arch=None``: the interpreter's)."""
+    if arch is None:
+        return [dict(_INTERPRETER_CONFIG)]
+    if arch not in _ARCH_FAMILY:
+        return []
+    table = _CONFIGS_32 if dtype == torch.float32 else _CONFIGS_16
+    base = dict(table[_ARCH_FAMILY[arch]])
+    return [base, _heavy(base)]
+
+
+def _heavy(cfg):
+    """The config of the variants with GELU math in the main loop or the epilogue (dh, dW2): twice the
+    warps over the same tile, so each thread holds half of it and nothing spills."""
+    return dict(cfg, num_warps=2 * cfg["num_warps"], heavy=True)
+
+
+def _config_for(arch, dtype, epilogue, gelu_b):
+    base = configs(arch, dtype)[0]
+    return _heavy(base) if arch is not None and (gelu_b or epilogue == EPI_DGELU) else base
+
+
+# The kernel variants a feed-forward launches: (label, HAS_BIAS, EPILOGUE, GELU_B).
+_VARIANTS = (
+    ("fc + gelu epilogue", True, EPI_GELU, False),
+    ("proj + bias", True, EPI_NONE, False),
+    ("dh = dy W2 * gelu'(h)", False, EPI_DGELU, False),
+    ("dW2 = dy^T gelu(h)", False, EPI_NONE, True),
+    ("dW1, dx", False, EPI_NONE, False),
+)
+
+
+def resource_specs(arch, dtype):
+    """Every (variant, config) the dispatcher can launch on ``arch`` in ``dtype``, for ``bench.resources``."""
+    t = _DTYPES[dtype]
+    specs = []
+    for cfg in configs(arch, dtype):
+        for label, has_bias, epilogue, gelu_b in _VARIANTS:
+            if cfg.get("heavy", False) != (gelu_b or epilogue == EPI_DGELU):
+                continue  # each variant launches with one of the two configs
+            specs.append({
+                "kernel": _ffn_matmul_kernel,
+                "signature": {"A": f"*{t}", "B": f"*{t}", "C": f"*{t}", "BIAS": f"*{t}", "H": f"*{t}",
+                              "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32",
+                              "stride_bk": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr",
+                              "EPILOGUE": "constexpr", "GELU_B": "constexpr", "BLOCK_M": "constexpr",
+                              "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+                              "DOT_PRECISION": "constexpr"},
+                "constexprs": {"HAS_BIAS": has_bias, "EPILOGUE": epilogue, "GELU_B": gelu_b,
+                               "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                               "GROUP_M": cfg["GROUP_M"], "DOT_PRECISION": _precision(dtype)},
+                "num_warps": cfg["num_warps"],
+                "num_stages": cfg["num_stages"],
+                "label": f"{label} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
+            })
+    return specs
+
+
+def unsupported_reason(fn_name, *args):
+    """Why the kernel cannot take these inputs, or None if it can."""
+    x = args[0]
+    if x.dtype not in _DTYPES:
+        return f"{fn_name}: the Triton kernel takes float32, float16 or bfloat16 inputs, not {x.dtype}"
+    if x.numel() == 0:
+        return f"{fn_name}: empty input; use backend='reference'"
+    return None
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _matmul(a, b, bias, arch, *, epilogue=EPI_NONE, gelu_b=False, h=None):
+    """C = a @ b (+ bias) with the requested epilogue; a: (M, K), b: (K, N), any strides.
+
+    Returns C (M, N), and for ``EPI_GELU`` also the stored pre-activation H.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    cfg = _config_for(arch, a.dtype, epilogue, gelu_b)
+    c = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    if epilogue == EPI_GELU:
+        h = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    torch.library.wrap_triton(_ffn_matmul_kernel)[grid](
+        a, b, c, bias if bias is not None else c, h if h is not None else c,
+        m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue, GELU_B=gelu_b,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        DOT_PRECISION=_precision(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return (c, h) if epilogue == EPI_GELU else c
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops (torch.library.triton_op: torch.compile keeps them whole and sees the kernels inside)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("gptfast::feed_forward_fwd", mutates_args=())
+def _ffn_fwd_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
+                proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], arch: Optional[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (M, E) -> y (M, E), h (M, H): the output and the saved pre-activation."""
+    g, h = _matmul(x, fc_weight.t(), fc_bias, arch, epilogue=EPI_GELU)  # (M, H) each
+    y = _matmul(g, proj_weight.t(), proj_bias, arch)  # (M, E)
+    return y, h
+
+
+@torch.library.triton_op("gptfast::feed_forward_bwd", mutates_args=())
+def _ffn_bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, fc_weight: torch.Tensor,
+                proj_weight: torch.Tensor, arch: Optional[int]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy: (M, E) -> dx (M, E), dW1 (H, E), db1 (H,), dW2 (E, H), db2 (E,)."""
+    dh = _matmul(dy, proj_weight, None, arch, epilogue=EPI_DGELU, h=h)  # (M, H)
+    d_proj_w = _matmul(dy.t(), h, None, arch, gelu_b=True)  # (E, H) = dy^T gelu(h)
+    d_fc_w = _matmul(dh.t(), x, None, arch)  # (H, E)
+    dx = _matmul(dh, fc_weight, None, arch)  # (M, E)
+    d_fc_b = dh.sum(0, dtype=torch.float32).to(dh.dtype)
+    d_proj_b = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, d_fc_w, d_fc_b, d_proj_w, d_proj_b
+
+
+# Output shapes for tracing with fake tensors (triton_op would trace the bodies, which the CPU
+# interpreter cannot do: it reads the tensors' data).
+@_ffn_fwd_op.register_fake
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, arch):
+    return x.new_empty((x.shape[0], proj_weight.shape[0])), x.new_empty((x.shape[0], fc_weight.shape[0]))
+
+
+@_ffn_bwd_op.register_fake
+def _(dy, x, h, fc_weight, proj_weight, arch):
+    return (x.new_empty(x.shape), fc_weight.new_empty(fc_weight.shape), h.new_empty((h.shape[1],)),
+            proj_weight.new_empty(proj_weight.shape), dy.new_empty((dy.shape[1],)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+
+
+class _FeedForward(torch.autograd.Function):
+    """y = gelu(x W1^T + b1) W2^T + b2 on (M, E) rows; saves x, h and the two weights."""
+
+    @staticmethod
+    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, arch):
+        y, h = torch.ops.gptfast.feed_forward_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, arch)
+        ctx.save_for_backward(x, h, fc_weight, proj_weight)
+        ctx.arch = arch
+        ctx.has_bias = (fc_bias is not None, proj_bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, fc_weight, proj_weight = ctx.saved_tensors
+        dx, dw1, db1, dw2, db2 = torch.ops.gptfast.feed_forward_bwd(
+            dy.contiguous(), x, h, fc_weight, proj_weight, ctx.arch)  # dy may arrive expanded (stride 0)
+        return (dx, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function (the signature of gptfast.reference.feed_forward, plus `arch`)
+# --------------------------------------------------------------------------------------------------
+
+
+def feed_forward(x, fc_weight, fc_bias, proj_weight, proj_bias, *, arch=None):
+    """Linear E->H, tanh-GELU, Linear H->E in two fused GEMMs (weights in ``nn.Linear`` layout).
+
+    x: (..., E), any strides; fc_weight: (H, E); fc_bias: (H,) or None; proj_weight: (E, H);
+    proj_bias: (E,) or None. Returns (..., E) in x's dtype. ``arch``: the CUDA arch whose config to use
+    (86 for sm_86); None runs Triton's CPU interpreter with its fixed config.
+    """
+    problem = unsupported_reason("feed_forward", x, fc_weight, fc_bias, proj_weight, proj_bias)
+    if problem:
+        raise ValueError(problem)
+    e = x.shape[-1]
+    rows = x.reshape(-1, e)  # (M, E): a view when it can be, any strides are read as they are
+    y = _FeedForward.apply(rows, fc_weight, fc_bias, proj_weight, proj_bias, arch)
+    return y.view(*x.shape[:-1], proj_weight.shape[0])

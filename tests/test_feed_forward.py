@@ -1,0 +1,165 @@
+"""The fused feed-forward kernel against fp64, the reference backend, LoRA, and the book's memory."""
+
+import pytest
+import torch
+
+from gptfast import GPTModel, ops, reference
+from tolerance import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
+
+
+def _inputs(rows, width, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = 4 * width
+    x = torch.randn(rows, width, generator=g, dtype=torch.float64)
+    w1 = torch.randn(hidden, width, generator=g, dtype=torch.float64) / width ** 0.5
+    b1 = torch.randn(hidden, generator=g, dtype=torch.float64) if bias else None
+    w2 = torch.randn(width, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
+    b2 = torch.randn(width, generator=g, dtype=torch.float64) if bias else None
+    dy = torch.randn(rows, width, generator=g, dtype=torch.float64)
+    return [x, w1, b1, w2, b2], dy
+
+
+def _run(fn, tensors, dy, dtype):
+    leaves = [None if t is None else t.detach().clone().to(dtype).requires_grad_() for t in tensors]
+    y = fn(*leaves)
+    y.backward(dy.to(dtype))
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _check(rows, width, dtype, bias=True, device="cpu"):
+    tensors, dy = _inputs(rows, width, dtype, bias)
+    tensors = [None if t is None else t.to(device) for t in tensors]
+    dy = dy.to(device)
+    y64, g64 = _run(reference.feed_forward, tensors, dy, torch.float64)
+    y_lp, g_lp = _run(reference.feed_forward, tensors, dy, dtype)  # PyTorch's own error in this dtype
+    y, grads = _run(lambda *a: ops.feed_forward(*a, backend="triton"), tensors, dy, dtype)
+    assert y.dtype == dtype
+    assert_close("y", y, y64, y_lp, dtype)
+    for name, g, ref, base in zip(NAMES, grads, g64, g_lp):
+        if ref is None:
+            assert g is None
+            continue
+        assert_close(f"d{name}", g, ref, base, dtype)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 32), (7, 80), (37, 48)])
+def test_fp32_output_and_all_five_gradients(rows, width):
+    _check(rows, width, torch.float32)
+
+
+@pytest.mark.parametrize("rows,width", [(7, 32), (37, 80)])
+def test_fp16_output_and_all_five_gradients(rows, width):
+    _check(rows, width, torch.float16)
+
+
+def test_without_biases():
+    _check(9, 32, torch.float32, bias=False)
+
+
+def test_strided_three_dimensional_input():
+    tensors, _ = _inputs(1, 32, torch.float64)
+    x = torch.randn(5, 3, 32, dtype=torch.float64).transpose(0, 1)  # (3, 5, 32), not contiguous
+    args = [t.float() for t in tensors[1:]]
+    y = ops.feed_forward(x.float(), *args, backend="triton")
+    ref = reference.feed_forward(x, *tensors[1:])
+    assert y.shape == (3, 5, 32)
+    assert_close("y", y, ref, reference.feed_forward(x.float(), *args), torch.float32)
+
+
+def test_gradient_arriving_expanded():
+    tensors, _ = _inputs(6, 32, torch.float32)
+    x = tensors[0].float().requires_grad_()
+    ops.feed_forward(x, *[t.float() for t in tensors[1:]], backend="triton").sum().backward()  # dy has stride 0
+    x64 = tensors[0].clone().requires_grad_()
+    reference.feed_forward(x64, *tensors[1:]).sum().backward()
+    assert_close("dx", x.grad, x64.grad, x64.grad.float(), torch.float32)
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves during ``fn()``, parameters excluded."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_saves_at_most_half_of_the_books_feed_forward():
+    from gptfast.model import FeedForward
+
+    ff = FeedForward(dict(vocab_size=10, context_length=8, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0))
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    book = _saved_bytes(lambda: ff.layers(x))  # the book's Sequential: Linear, composite GELU, Linear
+    ff.backend = "triton"
+    ours = _saved_bytes(lambda: ff(x))
+    assert 0 < ours <= 0.5 * book, (ours, book)
+
+
+def test_model_backends_agree_on_logits_and_gradients():
+    cfg = dict(vocab_size=64, context_length=12, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    torch.manual_seed(0)
+    ref = GPTModel(cfg, backend="reference")
+    fast = GPTModel(cfg, backend={"feed_forward": "triton", "layer_norm": "reference", "attention": "reference"})
+    fast.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 64, (2, 12))
+    outs = []
+    for model in (ref, fast):
+        logits = model(idx)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+        outs.append(logits.detach())
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_lora_gradients_reach_the_adapters():
+    from gptfast.lora import LinearWithLoRA
+
+    cfg = dict(vocab_size=64, context_length=8, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0)
+    torch.manual_seed(1)
+    grads = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(1)
+        model = GPTModel(cfg, backend={"feed_forward": backend, "layer_norm": "reference", "attention": "reference"})
+        ff = model.trf_blocks[0].ff
+        ff.layers[0] = LinearWithLoRA(ff.layers[0], rank=4, alpha=8)
+        torch.nn.init.normal_(ff.layers[0].lora.B)  # a fresh LoRA is zero; make it count
+        model(torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))).sum().backward()
+        grads.append((ff.layers[0].lora.A.grad.clone(), ff.layers[0].lora.B.grad.clone()))
+    for ref, fast in zip(grads[0], grads[1]):
+        assert ref.abs().sum() > 0
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_every_config_has_a_resource_spec():
+    from gptfast.kernels import feed_forward as K
+
+    for arch in K.SUPPORTED_ARCHS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            labels = [s["label"] for s in K.resource_specs(arch, dtype)]
+            for cfg in K.configs(arch, dtype):
+                assert any(f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}" in label for label in labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [768, 1024, 1280, 1600])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpt2_widths_on_gpu(width, dtype):
+    _check(1023, width, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_torch_compile_keeps_the_op():
+    tensors, _ = _inputs(64, 64, torch.float32)
+    args = [t.float().cuda() for t in tensors]
+    fn = torch.compile(lambda *a: ops.feed_forward(*a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(*args), reference.feed_forward(*args), atol=1e-4, rtol=1e-4)
