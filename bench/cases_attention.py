@@ -23,20 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case
+from .harness import Case, drop_live_inputs, kernel_arch, live_inputs
 
 HEADS, HEAD_DIM, TOKENS = 12, 64, 16 * 1024
 _DTYPES = {"bf16": torch.bfloat16}
 
-_live: dict = {}  # the tensors of the case being timed; a new case frees the previous one's
-
-
-def _state(key, setup):
-    if key not in _live:
-        _live.clear()
-        torch.cuda.empty_cache()
-        _live[key] = setup()
-    return _live[key]
 
 
 def _qkv(b, t, dtype, requires_grad, t_k=None):
@@ -72,7 +63,7 @@ def _implementations(arch):
 
 def _fwd_case(key, fn, b, t, dtype, p):
     def fwd():
-        q, k, v, _ = _state(key, lambda: _qkv(b, t, dtype, False))
+        q, k, v, _ = live_inputs(key, lambda: _qkv(b, t, dtype, False))
         with torch.no_grad():
             return fn(q, k, v, dropout_p=p)
     return fwd
@@ -80,7 +71,7 @@ def _fwd_case(key, fn, b, t, dtype, p):
 
 def _fwd_bwd_case(key, fn, b, t, dtype, p):
     def fwd_bwd():
-        q, k, v, do = _state(key, lambda: _qkv(b, t, dtype, True))
+        q, k, v, do = live_inputs(key, lambda: _qkv(b, t, dtype, True))
         return torch.autograd.grad(fn(q, k, v, dropout_p=p), (q, k, v), do)
     return fwd_bwd
 
@@ -97,7 +88,7 @@ def _group(op, t, dtype_name, impls, p=0.0):
         try:
             case_fn()  # compile / first launch outside the timing; a backend that cannot run is skipped
         except (RuntimeError, NotImplementedError, ValueError) as e:
-            _live.clear()
+            drop_live_inputs()
             yield ("skip", f"{op} T={t} [{impl}]: {str(e).splitlines()[0][:160]}")
             continue
         yield ("case", Case(op, f"{b}x{HEADS}x{t}x{HEAD_DIM}", impl, case_fn, "TFLOP/s",
@@ -131,7 +122,7 @@ def _decode_cases(t_k, arch):
 
         def decode(fn=fn, key=key):
             with torch.no_grad():
-                return fn(*_state(key, setup))
+                return fn(*live_inputs(key, setup))
 
         out.append(Case("attention.decode", f"{b}x{HEADS}x1x{t_k}x{HEAD_DIM}", impl, decode, "GB/s", bytes_read,
                         "bf16", "cuda", baseline=impl == "sdpa", note="KV cache, rows at two lengths"))
@@ -142,14 +133,9 @@ def cases(ctx):
     if ctx.device != "cuda":
         ctx.skip("attention: needs a CUDA GPU")
         return []
-    from gptfast import ops
     from gptfast.kernels import attention as K
 
-    arch = ops.cuda_arch(torch.device("cuda"))
-    if arch not in K.SUPPORTED_ARCHS:
-        proven = ", ".join(f"sm_{a}" for a in K.SUPPORTED_ARCHS)
-        ctx.skip(f"attention [triton]: the kernel is not proven on sm_{arch} (proven: {proven})")
-        arch = None
+    arch = kernel_arch(ctx, "attention", K)
     impls = _implementations(arch)
     lengths = (1024, 4096) if ctx.quick else (512, 1024, 2048, 4096)
     groups = [("attention.fwd", t, 0.0) for t in lengths] + [("attention.fwd+bwd", t, 0.0) for t in lengths]

@@ -18,21 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case
+from .harness import Case, kernel_arch, live_inputs
 
 EPS = 1e-5
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# The tensors of one case at a time: the harness times cases one after another, so a case builds its
-# inputs (and the graph a backward needs) on its first call and frees the previous case's.
-_live: dict = {}
-
-
-def _state(key, setup):
-    if key not in _live:
-        _live.clear()
-        _live[key] = setup()
-    return _live[key]
 
 
 def _implementations(arch, n):
@@ -89,13 +79,13 @@ def _group_cases(m, n, dtype_name, impls, note):
 def _case_fn(op, key, m, n, dtype, ln, add_ln):
     if op == "layer_norm.fwd":
         def fwd():
-            x, _, w, b, _, _ = _state(key, lambda: _inputs(m, n, dtype, False))
+            x, _, w, b, _, _ = live_inputs(key, lambda: _inputs(m, n, dtype, False))
             with torch.no_grad():
                 return ln(x, w, b)
         return fwd
     if op == "add_layer_norm.fwd":
         def add_fwd():
-            x, r, w, b, _, _ = _state(key, lambda: _inputs(m, n, dtype, False))
+            x, r, w, b, _, _ = live_inputs(key, lambda: _inputs(m, n, dtype, False))
             with torch.no_grad():
                 return add_ln(x, r, w, b)
         return add_fwd
@@ -105,17 +95,17 @@ def _case_fn(op, key, m, n, dtype, ln, add_ln):
             return x, w, b, dy, ln(x, w, b)
 
         def bwd():
-            x, w, b, dy, y = _state(key, setup)
+            x, w, b, dy, y = live_inputs(key, setup)
             return torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
         return bwd
     if op == "layer_norm.fwd+bwd":
         def fwd_bwd():
-            x, _, w, b, dy, _ = _state(key, lambda: _inputs(m, n, dtype, True))
+            x, _, w, b, dy, _ = live_inputs(key, lambda: _inputs(m, n, dtype, True))
             return torch.autograd.grad(ln(x, w, b), (x, w, b), dy)
         return fwd_bwd
 
     def add_fwd_bwd():
-        x, r, w, b, dy, ds = _state(key, lambda: _inputs(m, n, dtype, True))
+        x, r, w, b, dy, ds = live_inputs(key, lambda: _inputs(m, n, dtype, True))
         s, y = add_ln(x, r, w, b)
         return torch.autograd.grad((s, y), (x, r, w, b), (ds, dy))
     return add_fwd_bwd
@@ -125,14 +115,9 @@ def cases(ctx):
     if ctx.device != "cuda":
         ctx.skip("layer_norm: needs a CUDA GPU")
         return []
-    from gptfast import ops
     from gptfast.kernels import layer_norm as K
 
-    arch = ops.cuda_arch(torch.device("cuda"))
-    if arch not in K.SUPPORTED_ARCHS:
-        proven = ", ".join(f"sm_{a}" for a in K.SUPPORTED_ARCHS)
-        ctx.skip(f"layer_norm [triton]: the kernel is not proven on sm_{arch} (proven: {proven})")
-        arch = None
+    arch = kernel_arch(ctx, "layer_norm", K)
     if ctx.quick:
         batches, widths, dtypes = (16,), (768, 1600), ("bf16",)
     else:

@@ -180,6 +180,44 @@ def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 100
     return statistics.median(times) * 1e3
 
 
+# The inputs of one case at a time: cases are timed one after another, so a case builds its tensors
+# (and the graph a backward needs) on its first call, and that frees the previous case's.
+_LIVE: dict = {}
+
+
+def live_inputs(key, setup: Callable[[], Any]):
+    """``setup()``'s result for case ``key``, built on first use; building it drops every other case's."""
+    if key not in _LIVE:
+        _LIVE.clear()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+        _LIVE[key] = setup()
+    return _LIVE[key]
+
+
+def drop_live_inputs() -> None:
+    _LIVE.clear()
+
+
+def kernel_arch(ctx: Context, op: str, module) -> int | None:
+    """The CUDA arch to launch ``module``'s kernel for, or None (and a note) when it is not proven here."""
+    from gptfast import ops
+
+    import torch
+
+    arch = ops.cuda_arch(torch.device("cuda"))
+    if arch not in module.SUPPORTED_ARCHS:
+        proven = ", ".join(f"sm_{a}" for a in module.SUPPORTED_ARCHS)
+        ctx.skip(f"{op} [triton]: the kernel is not proven on sm_{arch} (proven: {proven})")
+        return None
+    return arch
+
+
 def discover_cases(ctx: Context) -> list[Case]:
     """Import every ``cases_*`` module of this package and collect what it offers for ``ctx``."""
     out: list[Case] = []
