@@ -23,6 +23,7 @@ Layout of this file: kernels -> configs and resource specs -> launchers -> torch
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -194,7 +195,9 @@ def configs(arch, dtype):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _config(arch, n):
+    """The config for rows of width ``n`` on ``arch`` (cached: it is asked on every call)."""
     if arch is None:
         return dict(_INTERPRETER_CONFIG, BLOCK_N=_block_n(n))
     return _gpu_config(_block_n(n))
