@@ -75,7 +75,7 @@ def pytest_collection_modifyitems(config, items):
 def shared_data():
     """Path of the book's data sets; skips the test when they are not available."""
     if DATA_DIR is None:
-        pytest.skip("the book's data sets are not available: set GPTFAST_TEST_DATA to a folder holding them")
+        pytest.skip(reason="the book's data sets are not available: set GPTFAST_TEST_DATA to a folder holding them")
     return DATA_DIR
 
 
@@ -83,7 +83,7 @@ def shared_data():
 def gpt2_files(shared_data):
     d = shared_data / "gpt2"
     if not (d / "encoder.json").is_file():
-        pytest.skip(f"GPT-2's encoder.json/vocab.bpe are not in {d}")
+        pytest.skip(reason=f"GPT-2's encoder.json/vocab.bpe are not in {d}")
     return d
 
 

@@ -113,7 +113,7 @@ def test_resources_smoke_run():
     from gptfast import ops
 
     if not any(ops.kernel_module(op)[0] is not None for op in ops.OPS):
-        pytest.skip("no Triton kernel module can be imported here (triton missing)")
+        pytest.skip(reason="no Triton kernel module can be imported here (triton missing)")
     out = subprocess.run([sys.executable, "-m", "bench.resources", "--smoke", "--no-cache", "--arch", "86"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=_env_without_interpreter())
     assert out.returncode == 0, out.stdout + out.stderr

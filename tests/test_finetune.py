@@ -29,7 +29,7 @@ def tok():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        pytest.skip(f"tiktoken's gpt2 ranks are not available offline: {e}")
+        pytest.skip(reason=f"tiktoken's gpt2 ranks are not available offline: {e}")
 
 
 def tiny_model(seed=0):

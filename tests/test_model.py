@@ -25,7 +25,7 @@ def test_prompt_encoding_matches_tiktoken():
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # no cache and no network
-        pytest.skip(f"tiktoken's gpt2 ranks are not available offline: {e}")
+        pytest.skip(reason=f"tiktoken's gpt2 ranks are not available offline: {e}")
     assert gptfast.text_to_token_ids("Hello, I am", enc).tolist() == [[15496, 11, 314, 716]]
     assert gptfast.token_ids_to_text(torch.tensor([[15496, 11, 314, 716]]), enc) == "Hello, I am"
 

@@ -117,7 +117,7 @@ def _have_all_kernels():
 def test_triton_backend_matches_transformers(hf_model, hf_folder):
     missing = _have_all_kernels()
     if missing:
-        pytest.skip(f"no Triton kernel yet for {', '.join(missing)}: the triton-backend comparison needs all three")
+        pytest.skip(reason=f"no Triton kernel yet for {', '.join(missing)}: the triton-backend comparison needs all three")
     idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
     model = GPTModel.from_pretrained(hf_folder, backend="triton")
     torch.testing.assert_close(ours(model, idx), hf_logits(hf_model, idx), atol=1e-4, rtol=1e-4)
