@@ -27,7 +27,6 @@ linear layers and attention to the autocast dtype) and runs with autocast off.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
 from dataclasses import dataclass
@@ -48,7 +47,9 @@ _KERNEL_MODULES = {
     "attention": "gptfast.kernels.attention",
 }
 
-_context_choice: contextvars.ContextVar = contextvars.ContextVar("gptfast_backend", default=None)
+# The choices of the enclosing `use_backend` blocks, innermost last. A plain list (not a ContextVar):
+# torch.compile can read it and guard on it, so the dispatch never breaks a compiled graph.
+_context_stack: list = []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def resolve(op: str, backend=None) -> tuple[str, str]:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     rules = (
         ("the call's backend argument", backend),
-        ("gptfast.use_backend", _context_choice.get()),
+        ("gptfast.use_backend", _context_stack[-1] if _context_stack else None),
         (f"${ENV_VAR}", os.environ.get(ENV_VAR) or None),
     )
     for where, spec in rules:
@@ -113,11 +114,11 @@ def use_backend(spec):
     ('reference', 'gptfast.use_backend')
     """
     parse_backend(spec, "use_backend")
-    token = _context_choice.set(spec)
+    _context_stack.append(spec)
     try:
         yield
     finally:
-        _context_choice.reset(token)
+        _context_stack.pop()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -173,3 +173,13 @@ def test_import_does_not_import_triton():
     code = "import sys, gptfast; gptfast.GPTModel; gptfast.describe('cpu'); print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dispatch_does_not_break_a_compiled_graph(clean_env):
+    import torch._dynamo as dynamo
+
+    model = GPTModel(TINY).eval()
+    explained = dynamo.explain(model)(torch.randint(0, 50, (2, 8)))
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    with gptfast.use_backend("reference"):  # the context's choice is readable while tracing too
+        assert dynamo.explain(model)(torch.randint(0, 50, (2, 8))).graph_break_count == 0
