@@ -108,6 +108,9 @@ def resolve(op: str, backend=None) -> tuple[str, str]:
 def use_backend(spec):
     """Choose backends for the ops called inside the block (unless a call or model names its own).
 
+    The choice holds for the whole process while the block runs (not per thread): it is kept where
+    ``torch.compile`` can read it, so the dispatch never breaks a compiled graph.
+
     >>> import gptfast
     >>> with gptfast.use_backend({"attention": "reference"}):
     ...     gptfast.ops.resolve("attention")
