@@ -3,13 +3,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "bpe.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #if PY_VERSION_HEX < 0x030B0000 && !defined(PYPY_VERSION)
 #include <longintrepr.h>  // PyLongObject's digits (Python.h includes it from 3.11 on)
@@ -70,12 +77,9 @@ class IntTable {
     PyObject* const* data() const { return ptrs_.data(); }
     size_t size() const { return n_; }
     py::object get(size_t i) const { return py::reinterpret_borrow<py::object>(ptrs_[i]); }
-    // The id of one of our own ints, from its address; -1 for any other object.
-    int64_t own_id(PyObject* o) const {
-        uintptr_t d = reinterpret_cast<uintptr_t>(o) - reinterpret_cast<uintptr_t>(block_);
-        if (block_ && d < 32 * n_ && (d & 31) == 0) return int64_t(d >> 5);
-        return -1;
-    }
+    // Our own ints are block_count() objects of 32 bytes from base() (none where the layout differs).
+    uintptr_t base() const { return reinterpret_cast<uintptr_t>(block_); }
+    uint64_t block_count() const { return block_ ? n_ : 0; }
 
   private:
     size_t n_;
@@ -130,19 +134,20 @@ inline Rank id_of(PyObject* o) {
 }
 
 // Converts items[0, n) of a list of ids into `out`.
-void ids_of(PyObject** items, size_t n, const IntTable* own, Rank* out) {
-    for (size_t i = 0; i < n; ++i) {
-        const int64_t mine = own->own_id(items[i]);
-        if (mine >= 0) {
-            out[i] = Rank(mine);
-            continue;
-        }
-        try {
-            out[i] = id_of(items[i]);
-        } catch (py::value_error&) {
-            PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
-            throw py::error_already_set();
-        }
+// The index of `o` in a table of 32-byte ints at `base`: offset / 32 when the offset is a multiple
+// of 32, else a huge number. Rotating right by 5 folds both tests into one comparison.
+inline uint64_t own_index(PyObject* o, uintptr_t base) {
+    const uint64_t d = uint64_t(reinterpret_cast<uintptr_t>(o) - base);
+    return (d >> 5) | (d << 59);
+}
+
+// id_of with Python's error for ids of 2**32 and more.
+inline Rank checked_id_of(PyObject* o) {
+    try {
+        return id_of(o);
+    } catch (py::value_error&) {
+        PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
+        throw py::error_already_set();
     }
 }
 
@@ -156,6 +161,58 @@ struct IdSequence {
     ~IdSequence() { Py_DECREF(seq); }
     size_t size() const { return size_t(PySequence_Fast_GET_SIZE(seq)); }
     PyObject** items() const { return PySequence_Fast_ITEMS(seq); }
+};
+
+// A bytes object filled by appending decoded blocks; grown geometrically, trimmed at the end.
+class OutBytes {
+  public:
+    explicit OutBytes(size_t guess) {
+        cap_ = guess + kSlack;
+        obj_ = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(cap_));
+        if (!obj_) throw py::error_already_set();
+        advise_huge();
+    }
+    ~OutBytes() { Py_XDECREF(obj_); }
+    OutBytes(const OutBytes&) = delete;
+    OutBytes& operator=(const OutBytes&) = delete;
+
+    // Decodes ids[0, m), growing the bytes object as needed.
+    void append(const Encoder& enc, const Rank* ids, size_t m) {
+        for (;;) {
+            size_t done = 0;
+            len_ += enc.decode_some(ids, m, PyBytes_AS_STRING(obj_) + len_, cap_ - len_, &done);
+            if (done == m) return;
+            ids += done;
+            m -= done;
+            // Room for the next 64 ids at their worst, or half as much again.
+            cap_ = std::max(cap_ + cap_ / 2, len_ + std::min(m, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
+            if (_PyBytes_Resize(&obj_, Py_ssize_t(cap_)) != 0) throw py::error_already_set();
+            advise_huge();
+        }
+    }
+    py::bytes finish() {
+        if (_PyBytes_Resize(&obj_, Py_ssize_t(len_)) != 0) throw py::error_already_set();
+        PyObject* o = obj_;
+        obj_ = nullptr;
+        return py::reinterpret_steal<py::bytes>(o);
+    }
+
+  private:
+    // Large outputs are fresh memory from the kernel, and faulting it in 4 KB pages costs about as
+    // much as decoding into it: ask for huge pages where the kernel leaves that to the program.
+    void advise_huge() const {
+#ifdef __linux__
+        constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+        if (cap_ < 4 * kHuge) return;
+        const uintptr_t lo = (reinterpret_cast<uintptr_t>(PyBytes_AS_STRING(obj_)) + kHuge - 1) & ~(kHuge - 1);
+        const uintptr_t hi = (reinterpret_cast<uintptr_t>(PyBytes_AS_STRING(obj_)) + cap_) & ~(kHuge - 1);
+        if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint; failure is harmless
+#endif
+    }
+
+    static constexpr size_t kSlack = Encoder::kDecodeSlack;
+    PyObject* obj_ = nullptr;
+    size_t cap_ = 0, len_ = 0;
 };
 
 class PyEncoder {
@@ -285,29 +342,100 @@ class PyEncoder {
         return to_list(out);
     }
 
-    // Converted in blocks twice (sizes, then bytes) so no id array as long as the input is built.
+    // One pass over the ids in blocks: convert a block, size it, grow the bytes object, decode it.
     py::bytes decode_bytes(const py::handle& tokens) const {
+        if (!PyList_Check(tokens.ptr()) && !PyTuple_Check(tokens.ptr()) && PyObject_CheckBuffer(tokens.ptr())) {
+            py::bytes out;
+            if (decode_buffer(tokens, &out)) return out;
+        }
         IdSequence seq(tokens);
         const size_t n = seq.size();
         PyObject** items = seq.items();
-        constexpr size_t kBlock = 1 << 14;
+        // Converted a block at a time (the block stays in cache): our own ints from their address alone.
+        const uintptr_t base = ints_->base();
+        const uint64_t count = ints_->block_count();
+        constexpr size_t kBlock = 1 << 11;
+        Rank block[kBlock];
+        OutBytes out(n * 3);
+        for (size_t start = 0; start < n; start += kBlock) {
+            const size_t m = std::min(kBlock, n - start);
+            for (size_t i = 0; i < m; ++i) {
+                PyObject* o = items[start + i];
+                const uint64_t k = own_index(o, base);
+                block[i] = k < count ? Rank(k) : checked_id_of(o);
+            }
+            out.append(*enc_, block, m);
+        }
+        return out.finish();
+    }
+
+    // A 1-D buffer of native-order integers (numpy arrays, array.array, memoryview), any stride, is
+    // read in place. Returns false for any other buffer, which is then read as a sequence.
+    bool decode_buffer(const py::handle& tokens, py::bytes* result) const {
+        Py_buffer view;
+        if (PyObject_GetBuffer(tokens.ptr(), &view, PyBUF_RECORDS_RO) != 0) {
+            PyErr_Clear();
+            return false;
+        }
+        struct Release {
+            Py_buffer* v;
+            ~Release() { PyBuffer_Release(v); }
+        } release{&view};
+        if (view.ndim != 1) return false;
+        const char* fmt = view.format ? view.format : "B";
+        const uint16_t probe = 1;
+        const bool little = *reinterpret_cast<const uint8_t*>(&probe) == 1;
+        if (*fmt == '@' || *fmt == '=' || (*fmt == '<' && little) || (*fmt == '>' && !little)) ++fmt;
+        const char kind = fmt[0];
+        if (kind == '\0' || fmt[1] != '\0' || !std::strchr("bBhHiIlLqQnN", kind)) return false;
+        const bool is_signed = std::islower(static_cast<unsigned char>(kind)) != 0;
+        const size_t n = size_t(view.shape ? view.shape[0] : view.len / view.itemsize);
+        const char* base = static_cast<const char*>(view.buf);
+        const size_t width = size_t(view.itemsize);
+        const Py_ssize_t stride = view.strides ? view.strides[0] : view.itemsize;
+        OutBytes out(n * 3);
+        constexpr size_t kBlock = 1 << 11;
         std::vector<Rank> block(std::min(n, kBlock));
-        size_t size = 0;
         for (size_t start = 0; start < n; start += kBlock) {
             const size_t m = std::min(kBlock, n - start);
-            ids_of(items + start, m, ints_.get(), block.data());
-            size += enc_->decoded_size(block.data(), m);
+            if (width == 4 && !is_signed && stride == 4) {
+                out.append(*enc_, reinterpret_cast<const Rank*>(base) + start, m);
+                continue;
+            }
+            for (size_t i = 0; i < m; ++i) {
+                const char* q = base + Py_ssize_t(start + i) * stride;
+                int64_t v;
+                switch (width) {
+                    case 1: v = is_signed ? int64_t(*reinterpret_cast<const int8_t*>(q)) : int64_t(uint8_t(*q)); break;
+                    case 2: {
+                        uint16_t u;
+                        std::memcpy(&u, q, 2);
+                        v = is_signed ? int64_t(int16_t(u)) : int64_t(u);
+                        break;
+                    }
+                    case 4: {
+                        uint32_t u;
+                        std::memcpy(&u, q, 4);
+                        v = is_signed ? int64_t(int32_t(u)) : int64_t(u);
+                        break;
+                    }
+                    default: {
+                        uint64_t u;
+                        std::memcpy(&u, q, 8);
+                        if (!is_signed && u > 0xFFFFFFFFull) v = -1;
+                        else v = int64_t(u);
+                    }
+                }
+                if (v < 0 || v > int64_t(0xFFFFFFFF)) {
+                    PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
+                    throw py::error_already_set();
+                }
+                block[i] = Rank(v);
+            }
+            out.append(*enc_, block.data(), m);
         }
-        PyObject* out = PyBytes_FromStringAndSize(nullptr, Py_ssize_t(size));
-        if (!out) throw py::error_already_set();
-        char* dst = PyBytes_AS_STRING(out);
-        size_t done = 0;
-        for (size_t start = 0; start < n; start += kBlock) {
-            const size_t m = std::min(kBlock, n - start);
-            ids_of(items + start, m, ints_.get(), block.data());
-            done += enc_->decode_to(block.data(), m, dst + done, size - done);
-        }
-        return py::reinterpret_steal<py::bytes>(out);
+        *result = out.finish();
+        return true;
     }
 
     py::bytes token_bytes(const py::handle& id) const {

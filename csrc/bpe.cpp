@@ -329,11 +329,17 @@ Encoder::Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<st
         if (dec_[kv.second].len != kMissing)
             throw InvalidArgument("two tokens have the id " + std::to_string(kv.second));
         dec_[kv.second] = Span{uint32_t(dec_arena_.size()), uint32_t(kv.first.size())};
+        max_token_len_ = std::max(max_token_len_, kv.first.size());
         dec_arena_ += kv.first;
     };
     for (auto& kv : ranks) add(kv);
     for (auto& kv : specials_) add(kv);
     dec_arena_.append(kPad, '\0');
+    inline_.assign(n_vocab_, Inline{{}, kMissing});
+    for (size_t id = 0; id < n_vocab_; ++id) {
+        inline_[id].len = dec_[id].len;
+        if (dec_[id].len <= sizeof(Inline::bytes)) std::memcpy(inline_[id].bytes, dec_arena_.data() + dec_[id].off, dec_[id].len);
+    }
 }
 
 std::string Encoder::to_tiktoken() const {
@@ -680,33 +686,46 @@ size_t Encoder::count_ordinary(std::string_view text) const {
 // Encoder: decoding
 // ---------------------------------------------------------------------------------------------
 
-size_t Encoder::decoded_size(const Rank* ids, size_t n) const {
-    size_t total = 0;
-    const Span* dec = dec_.data();
-    const size_t nv = n_vocab_;
-    for (size_t i = 0; i < n; ++i) {
-        const Rank id = ids[i];
-        if (id >= nv || dec[id].len == kMissing) throw UnknownToken(id);
-        total += dec[id].len;
-    }
-    return total;
-}
-
-size_t Encoder::decode_to(const Rank* ids, size_t n, char* dst, size_t size) const {
+size_t Encoder::decode_some(const Rank* ids, size_t n, char* dst, size_t room, size_t* done) const {
     const char* arena = dec_arena_.data();
     const Span* dec = dec_.data();
+    const Inline* inl = inline_.data();
+    const size_t nv = n_vocab_;
+    const size_t per = max_token_len_ + kDecodeSlack;  // the most one token can write
     char* d = dst;
-    char* const end = dst + size;
-    for (size_t i = 0; i < n; ++i) {
-        const Span sp = dec[ids[i]];
-        const char* src = arena + sp.off;
-        if (sp.len <= 16 && end - d >= 16) {
-            std::memcpy(d, src, 16);  // a fixed-size copy; the arena is padded and the bytes past len are overwritten next
-        } else {
-            std::memcpy(d, src, sp.len);
+    char* const end = dst + room;
+    size_t i = 0;
+    while (i < n) {
+        // A group of ids that fits in the room left whatever their lengths, so the loop checks no room.
+        const size_t group = std::min(size_t(end - d) / per, n - i);
+        if (group == 0) break;
+        for (const size_t stop = i + group; i < stop; ++i) {
+            const Rank id = ids[i];
+            if (id >= nv) throw UnknownToken(id);
+            Inline e;  // a local copy, so the store below cannot make the compiler reload len
+            std::memcpy(&e, &inl[id], sizeof e);
+            const uint32_t len = e.len;
+            if (len <= sizeof(Inline::bytes)) {
+                std::memcpy(d, &e, 16);  // the bytes past len are overwritten by the next token or trimmed
+                d += len;
+                continue;
+            }
+            const Span sp = dec[id];
+            if (sp.len == kMissing) throw UnknownToken(id);
+            std::memcpy(d, arena + sp.off, sp.len);
+            d += sp.len;
         }
+    }
+    // The tail, token by token, for when the room left is less than one worst-case token.
+    for (; i < n; ++i) {
+        const Rank id = ids[i];
+        if (id >= nv || dec[id].len == kMissing) throw UnknownToken(id);
+        const Span sp = dec[id];
+        if (size_t(end - d) < sp.len + kDecodeSlack) break;
+        std::memcpy(d, arena + sp.off, sp.len);
         d += sp.len;
     }
+    *done = i;
     return size_t(d - dst);
 }
 

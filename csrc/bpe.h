@@ -112,11 +112,12 @@ class Encoder {
     // Number of tokens, without storing them (to measure the core on its own).
     size_t count_ordinary(std::string_view text) const;
 
-    // Byte length of the decoded ids; throws UnknownToken.
-    size_t decoded_size(const Rank* ids, size_t n) const;
-    // Writes the bytes of `ids` (checked by decoded_size) to `dst`, which has room for `size`
-    // bytes; returns the number written.
-    size_t decode_to(const Rank* ids, size_t n, char* dst, size_t size) const;
+    // Decodes ids from the front of [ids, ids + n) into `dst` while they fit in `room` bytes with
+    // kDecodeSlack to spare (short tokens are copied with fixed 16-byte moves). Sets `*done` to
+    // the number of ids decoded and returns the number of bytes written. Throws UnknownToken.
+    static constexpr size_t kDecodeSlack = 16;
+    size_t decode_some(const Rank* ids, size_t n, char* dst, size_t room, size_t* done) const;
+    size_t max_token_len() const { return max_token_len_; }
     std::string token_bytes(uint64_t id) const;  // throws UnknownToken
 
     Rank rank_of(std::string_view bytes) const { return table_.find(bytes); }
@@ -146,7 +147,14 @@ class Encoder {
     };
     std::vector<Span> dec_;
     std::string dec_arena_;
+    // The same for decoding fast: tokens of up to 12 bytes inline, so one 16-byte load gets them.
+    struct alignas(16) Inline {
+        char bytes[12];
+        uint32_t len;  // > 12: look in dec_
+    };
+    std::vector<Inline> inline_;
     size_t n_vocab_ = 0;
+    size_t max_token_len_ = 0;
     uint64_t uid_ = 0;  // distinguishes encoders in per-thread caches (addresses can be reused)
 };
 

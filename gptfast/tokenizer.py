@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import operator
 import os
 import pathlib
 import tempfile
@@ -548,14 +549,19 @@ class Tokenizer:
     def decode_bytes(self, tokens: Sequence[int]) -> bytes:
         """The bytes of ``tokens``. Unknown ids raise ``KeyError``, negative or huge ones ``OverflowError``.
 
+        ``tokens`` is a sequence of ints, or a 1-D integer NumPy array, ``array.array`` or tensor. The
+        fast path reads arrays in place, which is quicker than a list (see docs/tokenizer.md).
+
         >>> Tokenizer.gpt2().decode_bytes([31373, 995])
         b'hello world'
         """
         if self._core is not None:
+            if type(tokens).__module__ == "torch" and hasattr(tokens, "numpy"):  # read a tensor in place
+                tokens = tokens.detach().cpu().numpy()
             return self._core.decode_bytes(tokens)
         out = []
         for t in tokens:
-            t = int(t) if not isinstance(t, int) else t
+            t = operator.index(t)
             if t < 0 or t >= 1 << 32:
                 raise OverflowError("out of range integral type conversion attempted")
             try:

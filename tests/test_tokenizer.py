@@ -204,6 +204,58 @@ def test_decode_errors_match_tiktoken(enc, fast, ref, bad, error):
             tok.decode([1, *bad])
 
 
+@pytest.mark.parametrize("dtype", ["uint32", "int64", "uint16", "int32", "uint64", ">u4", "<i8"])
+def test_decode_arrays_match_tiktoken(enc, fast, ref, dtype):
+    np = pytest.importorskip("numpy")
+    text = "Arrays: Ünïcödé 😀, code `x += 1`, and\n\twhitespace."
+    ids = np.array(enc.encode(text), dtype=dtype)
+    for tok in (fast, ref):
+        assert tok.decode_bytes(ids) == enc.decode_bytes(ids) == text.encode()
+        assert tok.decode(ids[::2]) == enc.decode(ids[::2])  # a strided view
+    assert fast.decode_bytes(np.array([], dtype=dtype)) == b""
+
+
+def test_decode_other_buffers_and_tensors(enc, fast, ref):
+    import array
+
+    ids = enc.encode("array.array, memoryview and torch tensors decode too")
+    want = enc.decode_bytes(ids)
+    for tok in (fast, ref):
+        assert tok.decode_bytes(array.array("I", ids)) == want
+        assert tok.decode_bytes(memoryview(array.array("q", ids))) == want
+    torch = pytest.importorskip("torch")
+    for tok in (fast, ref):
+        assert tok.decode_bytes(torch.tensor(ids)) == want
+        assert tok.decode_bytes(torch.tensor(ids, dtype=torch.int32)[1:]) == enc.decode_bytes(ids[1:])
+
+
+def test_decode_array_errors_match_tiktoken(enc, fast, ref):
+    np = pytest.importorskip("numpy")
+    bad = [(np.array([1, -1], np.int64), OverflowError), (np.array([2**40], np.uint64), OverflowError),
+           (np.array([5, 60000], np.uint32), KeyError), (np.array([1.0, 2.0]), TypeError),
+           (np.array([[1, 2], [3, 4]]), TypeError)]
+    for arr, error in bad:
+        with pytest.raises(error):
+            enc.decode_bytes(arr)
+        for tok in (fast, ref):
+            with pytest.raises(error):
+                tok.decode_bytes(arr)
+
+
+def test_decode_grows_its_output(enc, fast):
+    # The fast path guesses 3 bytes a token and grows; long tokens force it to grow many times.
+    np = pytest.importorskip("numpy")
+    longest = max(range(50257), key=lambda t: len(enc.decode_single_token_bytes(t)))
+    rng = random.Random(3)
+    ids = [longest if rng.random() < 0.5 else rng.randrange(50257) for _ in range(40_000)]
+    want = enc.decode_bytes(ids)
+    assert len(want) > 3 * len(ids)
+    assert fast.decode_bytes(ids) == want
+    assert fast.decode_bytes(np.array(ids, dtype=np.uint32)) == want
+    for n in (1, 2, 3, 17, 1000):  # short inputs, where the slack and the tail matter most
+        assert fast.decode_bytes(ids[:n]) == enc.decode_bytes(ids[:n])
+
+
 def test_single_token_errors(enc, fast, ref):
     for tok in (fast, ref, enc):
         with pytest.raises(KeyError):
