@@ -471,6 +471,7 @@ class PyEncoder {
     }
 
     py::bytes to_tiktoken() const { return py::bytes(enc_->to_tiktoken()); }
+    std::string long_piece_method() const { return enc_->long_piece_method(); }
     size_t n_vocab() const { return enc_->n_vocab(); }
     size_t n_ranks() const { return enc_->n_ranks(); }
     std::vector<std::pair<std::string, Rank>> specials() const { return enc_->specials(); }
@@ -544,6 +545,7 @@ PYBIND11_MODULE(_bpe, m) {
         .def("rank_of", &PyEncoder::rank_of)
         .def("mergeable_ranks", &PyEncoder::mergeable_ranks)
         .def("to_tiktoken", &PyEncoder::to_tiktoken)
+        .def_property_readonly("long_piece_method", &PyEncoder::long_piece_method)
         .def_property_readonly("n_vocab", &PyEncoder::n_vocab)
         .def_property_readonly("n_ranks", &PyEncoder::n_ranks)
         .def_property_readonly("specials", &PyEncoder::specials);

@@ -473,7 +473,7 @@ struct LargeWork {
 }  // namespace
 
 // The same rule as bpe_small in O(n log n): a linked list of parts and a bucket queue.
-void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+void Encoder::bpe_heap(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
     thread_local LargeWork w;
     w.prepare(n, n_vocab_);
     const uint32_t N = uint32_t(n);
@@ -514,6 +514,10 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
         }
     }
     for (uint32_t i = 0; i < N; i = nd[i].nxt) out.push_back(nd[i].part);
+}
+
+void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    if (!bpe_backtrack(p, n, out)) bpe_heap(p, n, out);
 }
 
 namespace {

@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -128,7 +130,29 @@ class Encoder {
   private:
     void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out) const;
     void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
-    void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
+    void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;   // dispatches to one of:
+    void bpe_heap(const uint8_t* p, size_t n, std::vector<Rank>& out) const;    // the merge rule, O(n log n)
+    // Left to right with backtracking, in near-linear time and cache order (backtrack.cpp).
+    // Returns false, doing nothing, when the vocabulary lacks the property it relies on.
+    bool bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
+
+  public:
+    struct LongTables;  // backtrack.cpp; built on first use
+    // The canonical split of a token: the two tokens the merge rule joins last when it encodes the
+    // token's bytes alone (false for single bytes and for tokens the rule never produces).
+    bool split_of(Rank id, Rank* left, Rank* right) const;
+    // How pieces longer than 128 bytes are encoded: "backtrack" or "merge" (see backtrack.cpp).
+    const char* long_piece_method() const;
+
+  private:
+    const LongTables* long_tables() const;
+    struct LongSlot {
+        std::once_flag once;
+        std::unique_ptr<LongTables> tables;
+        LongSlot();
+        ~LongSlot();
+    };
+    std::unique_ptr<LongSlot> long_ = std::make_unique<LongSlot>();
 
     Rank find(const uint8_t* p, size_t n) const {  // rank of p[0, n), with shortcuts for 1 and 2 bytes
         if (n == 2) return pair2_[size_t(p[0]) << 8 | p[1]];

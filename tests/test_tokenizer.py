@@ -322,7 +322,7 @@ def test_hypothesis_any_text(text):
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet="abcdeé中 ", min_size=100, max_size=2000).map(lambda s: s.replace(" ", "")))
 def test_hypothesis_long_pieces(text):
-    """Long pieces take the O(n log n) merge path; it must match the quadratic one exactly."""
+    """Long pieces take the left-to-right backtracking path; it must match the merge rule exactly."""
     enc, fast, _ = _shared()
     assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
 
@@ -347,6 +347,47 @@ def test_long_single_words(enc, fast):
     big = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1_000_000))
     ids = fast.encode_ordinary(big)
     assert fast.decode(ids) == big
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["ab", "abc ", "aaab", "xyzq", "thequickbrownfox", "1234567890", "!?.,;:-_=+",
+                        "中文字符", "ÄÖÜäöüß", "😀🎉👍"]),
+       st.integers(129, 3000), st.integers(0, 2**32))
+def test_long_pieces_many_alphabets(alphabet, size, seed):
+    """Pieces past 128 bytes, from alphabets that stress different merges, match tiktoken."""
+    enc, fast, _ = _shared()
+    assert fast._core.long_piece_method == "backtrack"
+    rng = random.Random(seed)
+    text = "".join(rng.choice(alphabet) for _ in range(size))
+    assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+def _tiny_vocab(merges):
+    """256 bytes (ranks 0-255), then `merges`: bytes -> rank."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update(merges)
+    return ranks
+
+
+@pytest.mark.parametrize("merges,method", [
+    # proper: every token's last merge joins two lower-ranked tokens
+    ({b"ab": 256, b"abab": 257, b"ba": 258, b"aab": 259, b"bb": 260, b"abb": 261, b"ababab": 262}, "backtrack"),
+    # improper: b"abc" ranks below its parts, so the long-piece path must fall back to merging
+    ({b"bc": 300, b"ab": 301, b"abc": 256, b"ca": 257}, "merge"),
+    # a token the merge rule never produces (no pair inside b"xyz" is a token): never a candidate
+    ({b"ab": 256, b"xyz": 257, b"ba": 258, b"bab": 259}, "backtrack"),
+])
+def test_long_pieces_custom_vocabularies(merges, method):
+    """The fast path, on its own vocabularies, against the reference's plain merge loop."""
+    ranks = _tiny_vocab(merges)
+    fast = Tokenizer(ranks, impl="fast")
+    assert fast._core.long_piece_method == method
+    ref = Tokenizer(ranks, impl="reference")
+    rng = random.Random(len(merges))
+    for size in (129, 200, 1000, 3000):
+        for alphabet in ("ab", "abc", "abxyz", "aab"):
+            text = "".join(rng.choice(alphabet) for _ in range(size))
+            assert fast.encode_ordinary(text) == ref.encode_ordinary(text), (alphabet, size)
 
 
 def test_million_whitespace_run_then_letter(enc, fast):
@@ -418,6 +459,10 @@ def test_training_core_matches_reference(shared_data):
     fast = Tokenizer.train(texts, size, impl="fast", progress=False)
     ref = Tokenizer.train(texts, size, impl="reference", progress=False)
     assert fast.mergeable_ranks == ref.mergeable_ranks
+    rng = random.Random(1)
+    for alphabet in ("thequickbrownfox", "ab c"):  # pieces past 128 bytes take the long-piece path
+        long = "".join(rng.choice(alphabet) for _ in range(2000)).replace(" ", "")
+        assert fast.encode_ordinary(long) == ref.encode_ordinary(long)
     assert fast.n_vocab == ref.n_vocab == size
     assert fast.eot_token == ref.eot_token == size - 1
     assert not any(b"<|" in t for t in fast.mergeable_ranks)  # special tokens are never learned from

@@ -1,0 +1,385 @@
+// Long pieces, left to right: the merge rule's result without replaying its merges.
+//
+// Replaying the merges of a long piece in rank order (bpe_heap) jumps around the whole piece and
+// misses the cache on nearly every merge. This encoder walks the piece once, left to right,
+// choosing tokens and checking each against the one before it. It rests on three facts about a
+// "proper" vocabulary, one where the merge rule, encoding any token's bytes alone, produces that
+// token, and the two tokens it joins last (the token's canonical split) both rank below it:
+//
+// 1. Ranks only grow: every merge creates a token ranked above the tokens it joins, so the pairs a
+//    merge creates rank above it and the rule performs its merges in non-decreasing rank order.
+// 2. A pair of tokens (a, b) is "valid" when the rule, given the bytes of a then b, gives back
+//    exactly [a, b]. Whether it does depends only on how the right edge of a and the left edge of
+//    b grew over time (see `valid` below), which the canonical splits describe.
+// 3. A sequence of tokens whose adjacent pairs are all valid is the rule's result for its bytes:
+//    if the rule ever joined across a boundary, the first such join would also happen to that
+//    boundary's pair alone, which is then not valid. So the result is the only such sequence.
+//
+// The encoder therefore looks for a sequence of valid pairs: at each position it tries the
+// longest token that the bytes start with, then shorter ones, and backs up when no token fits.
+// By fact 3 the tokens before a position are always the same when it is reached, so a position
+// from which nothing fits is marked dead once and never tried again: the walk is near-linear.
+// Vocabularies that are not proper (checked when the tables are built) use bpe_heap instead.
+#include <algorithm>
+#include <cstring>
+
+#include "bpe.h"
+
+namespace gptfast {
+
+namespace {
+constexpr uint32_t kNone = 0xFFFFFFFFu;
+
+// Open-addressing map from 64-bit keys (never ~0) to 32-bit values; key and value share a slot,
+// so a lookup touches one cache line.
+class U64Map {
+  public:
+    void reserve(size_t n) {
+        size_t cap = 16;
+        while (cap < 2 * n) cap <<= 1;
+        slots_.assign(cap, Slot{~uint64_t(0), kNone, 0});
+        mask_ = cap - 1;
+    }
+    void put(uint64_t k, uint32_t v) {
+        size_t i = slot(k);
+        while (slots_[i].key != ~uint64_t(0) && slots_[i].key != k) i = (i + 1) & mask_;
+        slots_[i].key = k;
+        slots_[i].val = v;
+    }
+    uint32_t get(uint64_t k) const {
+        size_t i = slot(k);
+        for (;;) {
+            const Slot& s = slots_[i];
+            if (s.key == k) return s.val;
+            if (s.key == ~uint64_t(0)) return kNone;
+            i = (i + 1) & mask_;
+        }
+    }
+    static size_t hash(uint64_t k) {
+        k ^= k >> 31;
+        k *= 0x9E3779B97F4A7C15ull;
+        return size_t(k >> 29);
+    }
+
+  private:
+    struct Slot {
+        uint64_t key;
+        uint32_t val, pad;
+    };
+    size_t slot(uint64_t k) const { return hash(k) & mask_; }
+    std::vector<Slot> slots_;
+    size_t mask_ = 0;
+};
+
+// A one-hash filter in front of a U64Map: small enough to stay in cache, it answers most
+// lookups of absent keys without touching the map.
+class KeyFilter {
+  public:
+    void reserve(size_t n) {
+        shift_ = 64 - 16;
+        while ((size_t(1) << (64 - shift_)) < 16 * n) --shift_;
+        words_.assign((size_t(1) << (64 - shift_)) / 64, 0);
+    }
+    void add(uint64_t k) {
+        const size_t h = bit(k);
+        words_[h >> 6] |= uint64_t(1) << (h & 63);
+    }
+    bool maybe(uint64_t k) const {
+        const size_t h = bit(k);
+        return (words_[h >> 6] >> (h & 63)) & 1;
+    }
+
+  private:
+    size_t bit(uint64_t k) const {  // the top bits of a multiplicative hash
+        k ^= k >> 29;
+        return size_t((k * 0xD6E8FEB86659FD93ull) >> shift_);
+    }
+    std::vector<uint64_t> words_;
+    unsigned shift_ = 48;
+};
+// Open-addressing map from 32-bit keys (never ~0) to 32-bit values, 8 bytes a slot.
+class U32Map {
+  public:
+    void reserve(size_t n) {  // load factor at most 5/8
+        size_t cap = 16;
+        while (cap * 5 < n * 8) cap <<= 1;
+        slots_.assign(cap, uint64_t(~uint32_t(0)));
+        mask_ = cap - 1;
+    }
+    void put(uint32_t k, uint32_t v) {
+        size_t i = slot(k);
+        while (uint32_t(slots_[i]) != ~uint32_t(0) && uint32_t(slots_[i]) != k) i = (i + 1) & mask_;
+        slots_[i] = uint64_t(v) << 32 | k;
+    }
+    uint32_t get(uint32_t k) const {
+        size_t i = slot(k);
+        for (;;) {
+            const uint64_t s = slots_[i];
+            if (uint32_t(s) == k) return uint32_t(s >> 32);
+            if (uint32_t(s) == ~uint32_t(0)) return kNone;
+            i = (i + 1) & mask_;
+        }
+    }
+
+  private:
+    size_t slot(uint32_t k) const { return size_t((uint64_t(k) * 0x9E3779B97F4A7C15ull) >> 32) & mask_; }
+    std::vector<uint64_t> slots_;
+    size_t mask_ = 0;
+};
+}  // namespace
+
+struct Encoder::LongTables {
+    bool proper = false;
+    struct Tok {           // what the walk needs of a token, in one 16-byte record
+        uint32_t left, right;  // canonical split (kNone for bytes and unusable ids)
+        uint32_t shorter;      // the longest usable token that is a proper prefix, or kNone
+        uint32_t length;       // bytes
+    };
+    std::vector<Tok> tok;
+    // (left, right) -> the token they are the canonical split of: per left token, a row of
+    // (right << 32 | token) sorted by right, behind a filter (most pairs asked about are not there).
+    std::vector<uint32_t> row_begin;
+    std::vector<uint64_t> rows;
+    KeyFilter pair_filter;
+
+    uint32_t pair(uint32_t r, uint32_t l) const {
+        const uint64_t key = uint64_t(r) << 32 | l;
+        if (!pair_filter.maybe(key)) return kNone;
+        const uint64_t* b = rows.data() + row_begin[r];
+        const uint64_t* e = rows.data() + row_begin[r + 1];
+        const uint64_t want = uint64_t(l) << 32;
+        if (e - b > 8) b = std::lower_bound(b, e, want);
+        for (; b < e && (*b >> 32) <= l; ++b)
+            if ((*b >> 32) == l) return uint32_t(*b);
+        return kNone;
+    }
+    // A byte trie of the usable tokens. A node where a token ends is numbered by that token's id,
+    // any other node from n_vocab up, so a node tells which token ends there without a lookup.
+    // Nodes at depth 1 and 2 are found by direct indexing, deeper ones through a hash map.
+    size_t n_vocab = 0;
+    uint32_t root_child[256];
+    std::vector<uint32_t> depth2;  // (byte0 << 8 | byte1) -> node, or kNone
+    U32Map child;                  // (node << 8 | byte) -> node
+    KeyFilter child_filter;
+
+    // Whether the rule, given the bytes of a then b, keeps them as [a, b]. The right edge of a
+    // (its last part as it grew) and the left edge of b are followed back in time; each pair of
+    // edges that coexisted could have joined, and it does if its rank falls while both exist.
+    bool valid(uint32_t a, uint32_t b) const {
+        uint32_t r = a, l = b;
+        uint64_t r_end = ~uint64_t(0), l_end = ~uint64_t(0);  // when r and l were replaced (never)
+        for (;;) {
+            const uint32_t c = pair(r, l);
+            if (c != kNone) {
+                const uint64_t until = std::min(r_end, l_end);
+                if (c < until) return false;
+                // The same rank as the merge that replaced l, which lies to the right: the rule
+                // takes the leftmost pair first, so the join across wins.
+                if (c == until && l_end < r_end) return false;
+            }
+            const bool r_byte = tok[r].left == kNone, l_byte = tok[l].left == kNone;
+            if (r_byte && l_byte) return true;
+            // Step back past the later of the two merges that made r and l. With equal ranks
+            // (the same token on both sides) the right one was made second.
+            if (!r_byte && (l_byte || r > l)) {
+                r_end = r;
+                r = tok[r].right;
+            } else {
+                l_end = l;
+                l = tok[l].left;
+            }
+        }
+    }
+
+    // The longest usable token that p[0, n) starts with (a single byte always is one).
+    uint32_t longest(const uint8_t* p, size_t n) const {
+        uint32_t best = root_child[p[0]];
+        if (n < 2) return best;
+        uint32_t node = depth2[size_t(p[0]) << 8 | p[1]];
+        if (node == kNone) return best;
+        if (node < n_vocab) best = node;
+        for (size_t i = 2; i < n; ++i) {
+            const uint32_t key = node << 8 | p[i];
+            if (!child_filter.maybe(key)) break;  // most walks end on a byte no token continues with
+            node = child.get(key);
+            if (node == kNone) break;
+            if (node < n_vocab) best = node;
+        }
+        return best;
+    }
+};
+
+Encoder::LongSlot::LongSlot() = default;
+Encoder::LongSlot::~LongSlot() = default;
+
+bool Encoder::split_of(Rank id, Rank* left, Rank* right) const {
+    if (id >= n_vocab_ || dec_[id].len == 0xFFFFFFFFu || dec_[id].len < 2) return false;
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
+    const size_t n = dec_[id].len;
+    for (const auto& sp : specials_)
+        if (sp.second == id) return false;
+    // The merge rule on the token's bytes alone, stopped when two parts are left.
+    std::vector<uint32_t> st(n + 1);  // part i is [st[i], st[i + 1])
+    std::vector<Rank> rk(n);          // rk[i]: rank of parts i and i + 1 joined
+    for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
+    for (size_t i = 0; i + 1 < n; ++i) rk[i] = find(p + i, 2);
+    while (st.size() > 3) {
+        const size_t parts = st.size() - 1;
+        size_t bi = 0;
+        for (size_t i = 1; i + 1 < parts; ++i)
+            if (rk[i] < rk[bi]) bi = i;
+        if (rk[bi] == kNoRank) return false;  // the rule gets stuck: it never produces this token
+        st.erase(st.begin() + long(bi) + 1);
+        rk.erase(rk.begin() + long(bi) + 1);
+        // The merged part's pairs with its neighbours.
+        if (bi + 2 < st.size()) rk[bi] = find(p + st[bi], st[bi + 2] - st[bi]);
+        if (bi > 0) rk[bi - 1] = find(p + st[bi - 1], st[bi + 1] - st[bi - 1]);
+    }
+    *left = find(p, st[1]);
+    *right = find(p + st[1], n - st[1]);
+    return *left != kNoRank && *right != kNoRank;
+}
+
+const Encoder::LongTables* Encoder::long_tables() const {
+    std::call_once(long_->once, [this] {
+        auto t = std::make_unique<LongTables>();
+        const size_t nv = n_vocab_;
+        t->tok.assign(nv, LongTables::Tok{kNone, kNone, kNone, 0});
+        std::vector<uint8_t> usable(nv, 0);
+        std::vector<uint8_t> special(nv, 0);
+        for (const auto& sp : specials_) special[sp.second] = 1;
+        bool proper = true;
+        size_t count = 0;
+        for (size_t id = 0; id < nv; ++id) {
+            if (dec_[id].len == 0xFFFFFFFFu || special[id]) continue;
+            t->tok[id].length = dec_[id].len;
+            if (dec_[id].len == 1) {
+                usable[id] = 1;
+                continue;
+            }
+            Rank a, b;
+            if (!split_of(Rank(id), &a, &b)) continue;  // never produced by the rule: never a candidate
+            if (!(a < id && b < id)) proper = false;
+            t->tok[id].left = a;
+            t->tok[id].right = b;
+            usable[id] = 1;
+            ++count;
+        }
+        for (int byte = 0; byte < 256; ++byte)
+            if (byte_rank_[byte] == kNoRank || usable[byte_rank_[byte]] == 0) proper = false;
+        t->proper = proper;
+        if (proper) {
+            t->pair_filter.reserve(count);
+            t->row_begin.assign(nv + 1, 0);
+            for (size_t id = 0; id < nv; ++id)
+                if (t->tok[id].left != kNone) ++t->row_begin[t->tok[id].left + 1];
+            for (size_t i = 0; i < nv; ++i) t->row_begin[i + 1] += t->row_begin[i];
+            t->rows.assign(count, 0);
+            std::vector<uint32_t> fill(t->row_begin.begin(), t->row_begin.end() - 1);
+            for (size_t id = 0; id < nv; ++id)
+                if (t->tok[id].left != kNone) {
+                    t->rows[fill[t->tok[id].left]++] = uint64_t(t->tok[id].right) << 32 | id;
+                    t->pair_filter.add(uint64_t(t->tok[id].left) << 32 | t->tok[id].right);
+                }
+            for (size_t i = 0; i < nv; ++i)
+                std::sort(t->rows.begin() + t->row_begin[i], t->rows.begin() + t->row_begin[i + 1]);
+            // The trie, and each token's longest usable proper prefix. Tokens go in shortest first,
+            // so a token's own node is new when it is added and can take the token's id.
+            t->n_vocab = nv;
+            for (int byte = 0; byte < 256; ++byte) t->root_child[byte] = byte_rank_[byte];
+            t->depth2.assign(65536, kNone);
+            std::vector<uint32_t> order;
+            for (size_t id = 0; id < nv; ++id)
+                if (usable[id] && t->tok[id].length >= 2) order.push_back(uint32_t(id));
+            std::stable_sort(order.begin(), order.end(),
+                             [&](uint32_t x, uint32_t y) { return t->tok[x].length < t->tok[y].length; });
+            size_t deep = 0;  // an upper bound on the edges below depth 2
+            for (const uint32_t id : order) deep += t->tok[id].length - 2;
+            U32Map building;  // sized for the bound while building; the kept map fits the real count
+            building.reserve(deep);
+            std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node)
+            uint32_t next_inner = uint32_t(nv);
+            for (const uint32_t id : order) {
+                const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
+                const size_t len = t->tok[id].length;
+                uint32_t& second = t->depth2[size_t(p[0]) << 8 | p[1]];
+                if (len == 2) {
+                    second = id;
+                    continue;
+                }
+                if (second == kNone) second = next_inner++;
+                uint32_t node = second;
+                for (size_t i = 2; i < len && next_inner < (uint32_t(1) << 24) - 1; ++i) {
+                    const uint32_t key = node << 8 | p[i];
+                    uint32_t next = building.get(key);
+                    if (next == kNone) {
+                        next = i + 1 == len ? id : next_inner++;
+                        building.put(key, next);
+                        edges.emplace_back(key, next);
+                    }
+                    node = next;
+                }
+            }
+            if (next_inner >= (uint32_t(1) << 24) - 1) {
+                t->proper = false;  // too many nodes for 32-bit keys: use the merge rule directly
+            } else {
+                t->child.reserve(edges.size());
+                t->child_filter.reserve(edges.size());
+                for (const auto& e : edges) {
+                    t->child.put(e.first, e.second);
+                    t->child_filter.add(e.first);
+                }
+            }
+            for (size_t id = 0; id < nv; ++id) {
+                if (!usable[id] || t->tok[id].length < 2) continue;
+                const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
+                t->tok[id].shorter = t->longest(p, t->tok[id].length - 1);
+            }
+        }
+        long_->tables = std::move(t);
+    });
+    return long_->tables.get();
+}
+
+const char* Encoder::long_piece_method() const { return long_tables()->proper ? "backtrack" : "merge"; }
+
+bool Encoder::bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    const LongTables& t = *long_tables();
+    if (!t.proper) return false;
+    thread_local std::vector<uint64_t> dead;  // positions from which no valid sequence continues
+    thread_local std::vector<uint32_t> starts;
+    dead.assign(n / 64 + 1, 0);
+    auto is_dead = [&](size_t i) { return (dead[i >> 6] >> (i & 63)) & 1; };
+    const size_t first = out.size();
+    starts.clear();
+    size_t pos = 0;
+    uint32_t cand = t.longest(p, n);
+    while (pos < n) {
+        const uint32_t prev = out.size() > first ? out.back() : kNone;
+        while (cand != kNone) {
+            const size_t end = pos + t.tok[cand].length;
+            if ((end == n || !is_dead(end)) && (prev == kNone || t.valid(prev, cand))) break;
+            cand = t.tok[cand].shorter;
+        }
+        if (cand != kNone) {
+            out.push_back(cand);
+            starts.push_back(uint32_t(pos));
+            pos += t.tok[cand].length;
+            if (pos < n) cand = t.longest(p + pos, n - pos);
+            continue;
+        }
+        // Nothing fits here: mark the position and take the previous token back.
+        dead[pos >> 6] |= uint64_t(1) << (pos & 63);
+        if (out.size() == first) {  // cannot happen for a proper vocabulary; be safe regardless
+            bpe_heap(p, n, out);
+            return true;
+        }
+        cand = t.tok[out.back()].shorter;
+        pos = starts.back();
+        out.pop_back();
+        starts.pop_back();
+    }
+    return true;
+}
+
+}  // namespace gptfast
