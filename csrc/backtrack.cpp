@@ -75,9 +75,9 @@ class U64Map {
 // lookups of absent keys without touching the map.
 class KeyFilter {
   public:
-    void reserve(size_t n) {
+    void reserve(size_t n, size_t bits_per_key) {
         shift_ = 64 - 16;
-        while ((size_t(1) << (64 - shift_)) < 16 * n) --shift_;
+        while ((size_t(1) << (64 - shift_)) < bits_per_key * n) --shift_;
         words_.assign((size_t(1) << (64 - shift_)) / 64, 0);
     }
     void add(uint64_t k) {
@@ -136,23 +136,16 @@ struct Encoder::LongTables {
         uint32_t length;       // bytes
     };
     std::vector<Tok> tok;
-    // (left, right) -> the token they are the canonical split of: per left token, a row of
-    // (right << 32 | token) sorted by right, behind a filter (most pairs asked about are not there).
-    std::vector<uint32_t> row_begin;
-    std::vector<uint64_t> rows;
+    // (left, right) -> the token they are the canonical split of, behind a filter (most pairs
+    // asked about are not there).
+    U64Map pairs;
     KeyFilter pair_filter;
 
     uint32_t pair(uint32_t r, uint32_t l) const {
         const uint64_t key = uint64_t(r) << 32 | l;
-        if (!pair_filter.maybe(key)) return kNone;
-        const uint64_t* b = rows.data() + row_begin[r];
-        const uint64_t* e = rows.data() + row_begin[r + 1];
-        const uint64_t want = uint64_t(l) << 32;
-        if (e - b > 8) b = std::lower_bound(b, e, want);
-        for (; b < e && (*b >> 32) <= l; ++b)
-            if ((*b >> 32) == l) return uint32_t(*b);
-        return kNone;
+        return pair_filter.maybe(key) ? pairs.get(key) : kNone;
     }
+
     // A byte trie of the usable tokens. A node where a token ends is numbered by that token's id,
     // any other node from n_vocab up, so a node tells which token ends there without a lookup.
     // Nodes at depth 1 and 2 are found by direct indexing, deeper ones through a hash map.
@@ -269,20 +262,14 @@ const Encoder::LongTables* Encoder::long_tables() const {
             if (byte_rank_[byte] == kNoRank || usable[byte_rank_[byte]] == 0) proper = false;
         t->proper = proper;
         if (proper) {
-            t->pair_filter.reserve(count);
-            t->row_begin.assign(nv + 1, 0);
-            for (size_t id = 0; id < nv; ++id)
-                if (t->tok[id].left != kNone) ++t->row_begin[t->tok[id].left + 1];
-            for (size_t i = 0; i < nv; ++i) t->row_begin[i + 1] += t->row_begin[i];
-            t->rows.assign(count, 0);
-            std::vector<uint32_t> fill(t->row_begin.begin(), t->row_begin.end() - 1);
+            t->pair_filter.reserve(count, 16);
+            t->pairs.reserve(count);
             for (size_t id = 0; id < nv; ++id)
                 if (t->tok[id].left != kNone) {
-                    t->rows[fill[t->tok[id].left]++] = uint64_t(t->tok[id].right) << 32 | id;
-                    t->pair_filter.add(uint64_t(t->tok[id].left) << 32 | t->tok[id].right);
+                    const uint64_t key = uint64_t(t->tok[id].left) << 32 | t->tok[id].right;
+                    t->pairs.put(key, uint32_t(id));
+                    t->pair_filter.add(key);
                 }
-            for (size_t i = 0; i < nv; ++i)
-                std::sort(t->rows.begin() + t->row_begin[i], t->rows.begin() + t->row_begin[i + 1]);
             // The trie, and each token's longest usable proper prefix. Tokens go in shortest first,
             // so a token's own node is new when it is added and can take the token's id.
             t->n_vocab = nv;
@@ -324,7 +311,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
                 t->proper = false;  // too many nodes for 32-bit keys: use the merge rule directly
             } else {
                 t->child.reserve(edges.size());
-                t->child_filter.reserve(edges.size());
+                t->child_filter.reserve(edges.size(), 8);
                 for (const auto& e : edges) {
                     t->child.put(e.first, e.second);
                     t->child_filter.add(e.first);
