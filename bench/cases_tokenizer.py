@@ -167,7 +167,7 @@ def cases(ctx: Context) -> list[Case]:
 
     def add(op, impl, fn, work, shape_=shape, baseline=False, note="", unit="MB/s"):
         out.append(Case(op=op, shape=shape_, impl=impl, fn=fn, unit=unit, work=work, baseline=baseline, note=note,
-                        min_time_s=1.0))
+                        min_time_s=1.0, interleave=True))
 
     op = "tokenizer.encode_ordinary"
     add(op, "tiktoken", lambda: enc.encode_ordinary(text), nbytes, baseline=True, note="1 thread, list of ints")

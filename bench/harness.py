@@ -55,6 +55,9 @@ class Case:
     baseline: bool = False  # ratios in the table are against the baseline impl of the group
     note: str = ""
     min_time_s: float = 0.2  # CPU timer: keep repeating until this much time has passed
+    # CPU cases of one (op, shape, dtype) group that all set this are timed in alternation, one
+    # call of each per round, so a machine whose speed drifts (a shared one) shifts them alike.
+    interleave: bool = False
 
     def __post_init__(self):
         if self.unit not in UNITS:
@@ -180,6 +183,21 @@ def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 100
     return statistics.median(times) * 1e3
 
 
+def time_cpu_interleaved(fns: list[Callable[[], Any]], min_time_s: float = 0.2, max_rounds: int = 1000) -> list[float]:
+    """Median milliseconds of each of ``fns``, timed in rounds of one call each (after one warm-up each)."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    budget = min_time_s * len(fns)
+    while len(times[0]) < 3 or (time.perf_counter() - start < budget and len(times[0]) < max_rounds):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) * 1e3 for ts in times]
+
+
 # The inputs of one case at a time: cases are timed one after another, so a case builds its tensors
 # (and the graph a backward needs) on its first call, and that frees the previous case's.
 _LIVE: dict = {}
@@ -230,8 +248,11 @@ def discover_cases(ctx: Context) -> list[Case]:
     return out
 
 
-def measure(case: Case, info: DeviceInfo) -> Result:
-    if case.device == "cuda":
+def measure(case: Case, info: DeviceInfo, ms: float | None = None) -> Result:
+    """Times ``case`` (or takes ``ms`` already measured) and derives throughput and % of peak."""
+    if ms is not None:
+        pass
+    elif case.device == "cuda":
         ms = time_cuda(case.fn)
     else:
         ms = time_cpu(case.fn, case.min_time_s)
@@ -244,6 +265,19 @@ def measure(case: Case, info: DeviceInfo) -> Result:
         elif case.unit == "TFLOP/s" and case.dtype in info.peak_tflops:
             pct = 100.0 * throughput / info.peak_tflops[case.dtype]
     return Result(case.op, case.shape, case.impl, case.dtype, case.device, case.unit, ms, throughput, pct, None, case.note)
+
+
+def _interleaved_group(cases: list[Case], i: int) -> list[Case]:
+    """The run of CPU cases from ``i`` on that share ``cases[i]``'s group and all ask to interleave."""
+    first = cases[i]
+    if first.device != "cpu" or not first.interleave:
+        return [first]
+    group = [first]
+    for c in cases[i + 1:]:
+        if c.device != "cpu" or not c.interleave or (c.op, c.shape, c.dtype) != (first.op, first.shape, first.dtype):
+            break
+        group.append(c)
+    return group
 
 
 def _add_ratios(results: list[Result], cases: list[Case]) -> None:
@@ -350,9 +384,20 @@ def run(device: str | None = None, quick: bool = False, only: str | None = None,
     print(header(info), file=stream, flush=True)
     cases = discover_cases(ctx)
     results = []
-    for case in cases:
-        print(f"  timing {case.op} {case.shape} {case.dtype} [{case.impl}]", file=sys.stderr, flush=True)
-        results.append(measure(case, info))
+    i = 0
+    while i < len(cases):
+        group = _interleaved_group(cases, i)
+        if len(group) > 1:
+            names = ", ".join(c.impl for c in group)
+            print(f"  timing {group[0].op} {group[0].shape} {group[0].dtype} [{names}] in alternation",
+                  file=sys.stderr, flush=True)
+            times = time_cpu_interleaved([c.fn for c in group], max(c.min_time_s for c in group))
+            results += [measure(c, info, ms) for c, ms in zip(group, times)]
+        else:
+            case = cases[i]
+            print(f"  timing {case.op} {case.shape} {case.dtype} [{case.impl}]", file=sys.stderr, flush=True)
+            results.append(measure(case, info))
+        i += max(len(group), 1)
     _add_ratios(results, cases)
     print(format_table(results, info), file=stream)
     for reason in ctx.skipped:

@@ -311,20 +311,23 @@ class PyEncoder {
         return py::array_t<uint32_t>({py::ssize_t(out->size())}, {py::ssize_t(sizeof(Rank))}, out->data(), owner);
     }
 
+    // Lists are built on this thread, holding the GIL, while the worker threads go on encoding.
     py::list encode_batch(const py::list& texts, const py::object& allowed, int num_threads) const {
         std::vector<std::string_view> views;
         views.reserve(texts.size());
         for (auto t : texts) views.push_back(utf8_of(t.ptr()));
         std::vector<bool> mask = allowed_mask(allowed);
-        std::vector<std::vector<Rank>> out;
+        py::list result(views.size());
         {
             py::gil_scoped_release nogil;
-            out = enc_->encode_batch(views, allowed.is_none() ? nullptr : &mask, num_threads);
-        }
-        py::list result(out.size());
-        for (size_t i = 0; i < out.size(); ++i) {
-            result[i] = to_list(out[i]);
-            std::vector<Rank>().swap(out[i]);
+            enc_->encode_batch_each(views, allowed.is_none() ? nullptr : &mask, num_threads,
+                                    [&](size_t begin, size_t end, std::vector<std::vector<Rank>>& out) {
+                                        py::gil_scoped_acquire gil;
+                                        for (size_t i = begin; i < end; ++i) {
+                                            result[i] = to_list(out[i]);
+                                            std::vector<Rank>().swap(out[i]);
+                                        }
+                                    });
         }
         return result;
     }

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <queue>
@@ -678,6 +680,54 @@ std::vector<std::vector<Rank>> Encoder::encode_batch(const std::vector<std::stri
     work();
     for (auto& t : threads) t.join();
     return out;
+}
+
+void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, const std::vector<bool>* allowed,
+                                int num_threads,
+                                const std::function<void(size_t, size_t, std::vector<std::vector<Rank>>&)>& consume) const {
+    const size_t n = texts.size();
+    std::vector<std::vector<Rank>> out(n);
+    std::vector<uint8_t> done(n, 0);  // guarded by mu
+    std::mutex mu;
+    std::condition_variable ready;
+    std::atomic<size_t> next{0};
+    std::atomic<bool> stop{false};
+    auto work = [&]() {
+        for (;;) {
+            const size_t i = next.fetch_add(1);
+            if (i >= n || stop.load(std::memory_order_relaxed)) return;
+            if (allowed)
+                encode(texts[i], *allowed, out[i]);
+            else
+                encode_ordinary(texts[i], out[i]);
+            {
+                std::lock_guard<std::mutex> lock(mu);
+                done[i] = 1;
+            }
+            ready.notify_one();
+        }
+    };
+    const size_t nt = std::min(size_t(std::max(1, num_threads)), std::max<size_t>(n, 1));
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < nt; ++t) threads.emplace_back(work);
+    try {
+        size_t begin = 0;
+        while (begin < n) {
+            size_t end = begin;
+            {
+                std::unique_lock<std::mutex> lock(mu);
+                ready.wait(lock, [&] { return done[begin] != 0; });
+                while (end < n && done[end]) ++end;
+            }
+            consume(begin, end, out);
+            begin = end;
+        }
+    } catch (...) {
+        stop = true;
+        for (auto& t : threads) t.join();
+        throw;
+    }
+    for (auto& t : threads) t.join();
 }
 
 size_t Encoder::count_ordinary(std::string_view text) const {

@@ -109,6 +109,12 @@ class Encoder {
     // One vector per text, on up to `num_threads` threads.
     std::vector<std::vector<Rank>> encode_batch(const std::vector<std::string_view>& texts,
                                                 const std::vector<bool>* allowed, int num_threads) const;
+    // The same on `num_threads` worker threads while the calling thread hands finished results
+    // over in order: `consume(begin, end, out)` gets each run of texts [begin, end) done so far
+    // (out[i] for each) as soon as it is ready, so converting them overlaps the encoding.
+    void encode_batch_each(const std::vector<std::string_view>& texts, const std::vector<bool>* allowed,
+                           int num_threads,
+                           const std::function<void(size_t, size_t, std::vector<std::vector<Rank>>&)>& consume) const;
     // BPE of a single piece (no splitting), appended to `out`.
     void encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
     // Number of tokens, without storing them (to measure the core on its own).

@@ -39,6 +39,31 @@ def test_ratios_table_and_saved_results(tmp_path):
     assert os.path.getsize(png_path) > 1000
 
 
+def test_interleaved_cases_alternate_and_keep_their_ratio():
+    calls = []
+
+    def sleeper(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
+
+    a = Case("op.y", "n", "a", sleeper("a", 0.003), "MB/s", 1e6, baseline=True, min_time_s=0.05, interleave=True)
+    b = Case("op.y", "n", "b", sleeper("b", 0.001), "MB/s", 1e6, min_time_s=0.05, interleave=True)
+    alone = Case("op.y", "n", "c", sleeper("c", 0.001), "MB/s", 1e6, min_time_s=0.05)  # did not ask
+    other = Case("op.z", "n", "d", sleeper("d", 0.001), "MB/s", 1e6, min_time_s=0.05, interleave=True)
+    cases = [a, b, alone, other]
+    assert harness._interleaved_group(cases, 0) == [a, b]
+    assert harness._interleaved_group(cases, 2) == [alone]
+    assert harness._interleaved_group(cases, 3) == [other]
+    ms_a, ms_b = harness.time_cpu_interleaved([a.fn, b.fn], 0.05)
+    assert calls[:2] == ["a", "b"]  # one warm-up call each
+    timed = calls[2:]
+    assert timed[0::2] == ["a"] * (len(timed) // 2) and timed[1::2] == ["b"] * (len(timed) // 2)
+    assert len(timed) >= 6
+    assert ms_a >= 3.0 and ms_b >= 1.0 and ms_a > 1.5 * ms_b
+
+
 def test_unknown_unit_is_rejected():
     with pytest.raises(ValueError, match="unknown unit"):
         Case("op", "s", "impl", lambda: None, "widgets/s", 1.0)
