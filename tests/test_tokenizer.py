@@ -362,6 +362,15 @@ def test_long_pieces_many_alphabets(alphabet, size, seed):
     assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
+def test_long_pieces_on_many_threads(enc, gpt2_files):
+    """The long-piece tables are built once, on first use, by whichever thread gets there first."""
+    rng = random.Random(7)
+    texts = ["".join(rng.choice(alpha) for _ in range(rng.randrange(200, 5000)))
+             for alpha in ("abcdefghij", "xyz", "ab", "thequick") for _ in range(4)]
+    fresh = Tokenizer.from_tiktoken_file(gpt2_files / "gpt2.tiktoken", impl="fast")  # tables not built yet
+    assert fresh.encode_ordinary_batch(texts, num_threads=8) == enc.encode_ordinary_batch(texts)
+
+
 def _tiny_vocab(merges):
     """256 bytes (ranks 0-255), then `merges`: bytes -> rank."""
     ranks = {bytes([b]): b for b in range(256)}
