@@ -74,6 +74,17 @@ def test_only_filter():
     assert ctx.wants("layer_norm.fwd") and not ctx.wants("attention.fwd")
 
 
+def test_only_filter_can_pick_one_tokenizer_op():
+    pytest.importorskip("tiktoken")
+    from bench import cases_tokenizer
+
+    ctx = Context("cpu", DeviceInfo("cpu", "x", "x"), quick=True, only="tokenizer.decode_bytes")
+    picked = [c for c in cases_tokenizer.cases(ctx) if ctx.wants(c.op)]
+    assert picked and {c.op for c in picked} == {"tokenizer.decode_bytes"}
+    assert {c.impl for c in picked} >= {"tiktoken", "fast", "fast[array]"}
+    assert not cases_tokenizer.cases(Context("cpu", DeviceInfo("cpu", "x", "x"), only="^layer_norm"))
+
+
 def test_python_m_bench_runs_on_cpu(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--only", "^model", "--device", "cpu", "--out", str(tmp_path)],
