@@ -173,14 +173,7 @@ def time_cuda(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100)
 
 def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 1000) -> float:
     """Median milliseconds of ``fn`` on the CPU: one warm-up call, then repeat until ``min_time_s``."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time_s and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return time_cpu_interleaved([fn], min_time_s, max_reps)[0]
 
 
 def time_cpu_interleaved(fns: list[Callable[[], Any]], min_time_s: float = 0.2, max_rounds: int = 1000) -> list[float]:
@@ -250,12 +243,8 @@ def discover_cases(ctx: Context) -> list[Case]:
 
 def measure(case: Case, info: DeviceInfo, ms: float | None = None) -> Result:
     """Times ``case`` (or takes ``ms`` already measured) and derives throughput and % of peak."""
-    if ms is not None:
-        pass
-    elif case.device == "cuda":
-        ms = time_cuda(case.fn)
-    else:
-        ms = time_cpu(case.fn, case.min_time_s)
+    if ms is None:
+        ms = time_cuda(case.fn) if case.device == "cuda" else time_cpu(case.fn, case.min_time_s)
     scale = UNITS[case.unit][1]
     throughput = case.work / (ms * 1e-3) / scale
     pct = None

@@ -30,48 +30,46 @@ namespace gptfast {
 namespace {
 constexpr uint32_t kNone = 0xFFFFFFFFu;
 
-// Open-addressing map from 64-bit keys (never ~0) to 32-bit values; key and value share a slot,
-// so a lookup touches one cache line.
-class U64Map {
+// Open-addressing map from integer keys (never all ones) to 32-bit values, for keys built from
+// token ids and trie nodes. Key and value share a slot, so a lookup touches one cache line.
+template <class Key>
+class IdMap {
   public:
-    void reserve(size_t n) {
+    void reserve(size_t n) {  // load factor at most 5/8
         size_t cap = 16;
-        while (cap < 2 * n) cap <<= 1;
-        slots_.assign(cap, Slot{~uint64_t(0), kNone, 0});
+        while (cap * 5 < n * 8) cap <<= 1;
+        slots_.assign(cap, Slot{kEmpty, kNone});
         mask_ = cap - 1;
     }
-    void put(uint64_t k, uint32_t v) {
+    void put(Key k, uint32_t v) {
         size_t i = slot(k);
-        while (slots_[i].key != ~uint64_t(0) && slots_[i].key != k) i = (i + 1) & mask_;
-        slots_[i].key = k;
-        slots_[i].val = v;
+        while (slots_[i].key != kEmpty && slots_[i].key != k) i = (i + 1) & mask_;
+        slots_[i] = Slot{k, v};
     }
-    uint32_t get(uint64_t k) const {
-        size_t i = slot(k);
-        for (;;) {
+    uint32_t get(Key k) const {
+        for (size_t i = slot(k);; i = (i + 1) & mask_) {
             const Slot& s = slots_[i];
             if (s.key == k) return s.val;
-            if (s.key == ~uint64_t(0)) return kNone;
-            i = (i + 1) & mask_;
+            if (s.key == kEmpty) return kNone;
         }
-    }
-    static size_t hash(uint64_t k) {
-        k ^= k >> 31;
-        k *= 0x9E3779B97F4A7C15ull;
-        return size_t(k >> 29);
     }
 
   private:
+    static constexpr Key kEmpty = Key(~Key(0));
     struct Slot {
-        uint64_t key;
-        uint32_t val, pad;
+        Key key;
+        uint32_t val;
     };
-    size_t slot(uint64_t k) const { return hash(k) & mask_; }
+    size_t slot(Key k) const {
+        uint64_t h = uint64_t(k);
+        h ^= h >> 31;
+        return size_t((h * 0x9E3779B97F4A7C15ull) >> 29) & mask_;
+    }
     std::vector<Slot> slots_;
     size_t mask_ = 0;
 };
 
-// A one-hash filter in front of a U64Map: small enough to stay in cache, it answers most
+// A one-hash filter in front of an IdMap: small enough to stay in cache, it answers most
 // lookups of absent keys without touching the map.
 class KeyFilter {
   public:
@@ -97,35 +95,6 @@ class KeyFilter {
     std::vector<uint64_t> words_;
     unsigned shift_ = 48;
 };
-// Open-addressing map from 32-bit keys (never ~0) to 32-bit values, 8 bytes a slot.
-class U32Map {
-  public:
-    void reserve(size_t n) {  // load factor at most 5/8
-        size_t cap = 16;
-        while (cap * 5 < n * 8) cap <<= 1;
-        slots_.assign(cap, uint64_t(~uint32_t(0)));
-        mask_ = cap - 1;
-    }
-    void put(uint32_t k, uint32_t v) {
-        size_t i = slot(k);
-        while (uint32_t(slots_[i]) != ~uint32_t(0) && uint32_t(slots_[i]) != k) i = (i + 1) & mask_;
-        slots_[i] = uint64_t(v) << 32 | k;
-    }
-    uint32_t get(uint32_t k) const {
-        size_t i = slot(k);
-        for (;;) {
-            const uint64_t s = slots_[i];
-            if (uint32_t(s) == k) return uint32_t(s >> 32);
-            if (uint32_t(s) == ~uint32_t(0)) return kNone;
-            i = (i + 1) & mask_;
-        }
-    }
-
-  private:
-    size_t slot(uint32_t k) const { return size_t((uint64_t(k) * 0x9E3779B97F4A7C15ull) >> 32) & mask_; }
-    std::vector<uint64_t> slots_;
-    size_t mask_ = 0;
-};
 }  // namespace
 
 struct Encoder::LongTables {
@@ -138,7 +107,7 @@ struct Encoder::LongTables {
     std::vector<Tok> tok;
     // (left, right) -> the token they are the canonical split of, behind a filter (most pairs
     // asked about are not there).
-    U64Map pairs;
+    IdMap<uint64_t> pairs;
     KeyFilter pair_filter;
 
     uint32_t pair(uint32_t r, uint32_t l) const {
@@ -152,7 +121,7 @@ struct Encoder::LongTables {
     size_t n_vocab = 0;
     uint32_t root_child[256];
     std::vector<uint32_t> depth2;  // (byte0 << 8 | byte1) -> node, or kNone
-    U32Map child;                  // (node << 8 | byte) -> node
+    IdMap<uint32_t> child;         // (node << 8 | byte) -> node
     KeyFilter child_filter;
 
     // Whether the rule, given the bytes of a then b, keeps them as [a, b]. The right edge of a
@@ -282,7 +251,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
                              [&](uint32_t x, uint32_t y) { return t->tok[x].length < t->tok[y].length; });
             size_t deep = 0;  // an upper bound on the edges below depth 2
             for (const uint32_t id : order) deep += t->tok[id].length - 2;
-            U32Map building;  // sized for the bound while building; the kept map fits the real count
+            IdMap<uint32_t> building;  // sized for the bound while building; the kept map fits the real count
             building.reserve(deep);
             std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node)
             uint32_t next_inner = uint32_t(nv);
@@ -334,23 +303,20 @@ bool Encoder::bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) 
     const LongTables& t = *long_tables();
     if (!t.proper) return false;
     thread_local std::vector<uint64_t> dead;  // positions from which no valid sequence continues
-    thread_local std::vector<uint32_t> starts;
     dead.assign(n / 64 + 1, 0);
     auto is_dead = [&](size_t i) { return (dead[i >> 6] >> (i & 63)) & 1; };
     const size_t first = out.size();
-    starts.clear();
     size_t pos = 0;
     uint32_t cand = t.longest(p, n);
     while (pos < n) {
         const uint32_t prev = out.size() > first ? out.back() : kNone;
         while (cand != kNone) {
             const size_t end = pos + t.tok[cand].length;
-            if ((end == n || !is_dead(end)) && (prev == kNone || t.valid(prev, cand))) break;
+            if (!is_dead(end) && (prev == kNone || t.valid(prev, cand))) break;
             cand = t.tok[cand].shorter;
         }
         if (cand != kNone) {
             out.push_back(cand);
-            starts.push_back(uint32_t(pos));
             pos += t.tok[cand].length;
             if (pos < n) cand = t.longest(p + pos, n - pos);
             continue;
@@ -362,9 +328,8 @@ bool Encoder::bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) 
             return true;
         }
         cand = t.tok[out.back()].shorter;
-        pos = starts.back();
+        pos -= t.tok[out.back()].length;
         out.pop_back();
-        starts.pop_back();
     }
     return true;
 }

@@ -659,29 +659,6 @@ void Encoder::encode(std::string_view text, const std::vector<bool>& allowed, st
     }
 }
 
-std::vector<std::vector<Rank>> Encoder::encode_batch(const std::vector<std::string_view>& texts,
-                                                     const std::vector<bool>* allowed, int num_threads) const {
-    std::vector<std::vector<Rank>> out(texts.size());
-    std::atomic<size_t> next{0};
-    auto work = [&]() {
-        for (;;) {
-            size_t i = next.fetch_add(1);
-            if (i >= texts.size()) return;
-            if (allowed)
-                encode(texts[i], *allowed, out[i]);
-            else
-                encode_ordinary(texts[i], out[i]);
-        }
-    };
-    size_t nt = std::max(1, num_threads);
-    nt = std::min(nt, texts.size());
-    std::vector<std::thread> threads;
-    for (size_t t = 1; t < nt; ++t) threads.emplace_back(work);
-    work();
-    for (auto& t : threads) t.join();
-    return out;
-}
-
 void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, const std::vector<bool>* allowed,
                                 int num_threads,
                                 const std::function<void(size_t, size_t, std::vector<std::vector<Rank>>&)>& consume) const {

@@ -106,18 +106,15 @@ class Encoder {
     // Encodes, turning occurrences of the special tokens with `allowed[i]` true (i indexes
     // `specials()`) into their ids.
     void encode(std::string_view text, const std::vector<bool>& allowed, std::vector<Rank>& out) const;
-    // One vector per text, on up to `num_threads` threads.
-    std::vector<std::vector<Rank>> encode_batch(const std::vector<std::string_view>& texts,
-                                                const std::vector<bool>* allowed, int num_threads) const;
-    // The same on `num_threads` worker threads while the calling thread hands finished results
-    // over in order: `consume(begin, end, out)` gets each run of texts [begin, end) done so far
+    // Encodes each text on `num_threads` worker threads while the calling thread hands finished
+    // results over in order: `consume(begin, end, out)` gets each run of texts [begin, end) done so far
     // (out[i] for each) as soon as it is ready, so converting them overlaps the encoding.
     void encode_batch_each(const std::vector<std::string_view>& texts, const std::vector<bool>* allowed,
                            int num_threads,
                            const std::function<void(size_t, size_t, std::vector<std::vector<Rank>>&)>& consume) const;
     // BPE of a single piece (no splitting), appended to `out`.
     void encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
-    // Number of tokens, without storing them (to measure the core on its own).
+    // Number of tokens, encoded into a fresh vector as encode_to_numpy does (to time the core alone).
     size_t count_ordinary(std::string_view text) const;
 
     // Decodes ids from the front of [ids, ids + n) into `dst` while they fit in `room` bytes with
@@ -132,6 +129,8 @@ class Encoder {
     size_t n_vocab() const { return n_vocab_; }             // max id + 1
     size_t n_ranks() const { return table_.size(); }        // ordinary tokens
     const std::vector<std::pair<std::string, Rank>>& specials() const { return specials_; }
+    // How pieces longer than 128 bytes are encoded: "backtrack" or "merge" (see backtrack.cpp).
+    const char* long_piece_method() const;
 
   private:
     void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out) const;
@@ -141,16 +140,10 @@ class Encoder {
     // Left to right with backtracking, in near-linear time and cache order (backtrack.cpp).
     // Returns false, doing nothing, when the vocabulary lacks the property it relies on.
     bool bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
-
-  public:
-    struct LongTables;  // backtrack.cpp; built on first use
     // The canonical split of a token: the two tokens the merge rule joins last when it encodes the
     // token's bytes alone (false for single bytes and for tokens the rule never produces).
     bool split_of(Rank id, Rank* left, Rank* right) const;
-    // How pieces longer than 128 bytes are encoded: "backtrack" or "merge" (see backtrack.cpp).
-    const char* long_piece_method() const;
-
-  private:
+    struct LongTables;  // backtrack.cpp; built on first use
     const LongTables* long_tables() const;
     struct LongSlot {
         std::once_flag once;

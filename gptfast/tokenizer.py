@@ -84,6 +84,16 @@ def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _on_core(fn, text, *args):
+    """``fn(text, *args)`` on the C++ core; a str (or list of str) holding surrogates, which has no
+    UTF-8, is retried with them fixed as tiktoken does."""
+    try:
+        return fn(text, *args)
+    except UnicodeEncodeError:
+        fixed = _fix_surrogates(text) if isinstance(text, str) else [_fix_surrogates(t) for t in text]
+        return fn(fixed, *args)
+
+
 def _check_str(text) -> None:
     if not isinstance(text, str):
         raise TypeError(f"expected str, got {type(text).__name__}")
@@ -422,10 +432,7 @@ class Tokenizer:
         [31373, 1279, 91, 437, 1659, 5239, 91, 29]
         """
         if self._core is not None:
-            try:
-                return self._core.encode_ordinary(text)
-            except UnicodeEncodeError:
-                return self._core.encode_ordinary(_fix_surrogates(text))
+            return _on_core(self._core.encode_ordinary, text)
         _check_str(text)
         return _ref.encode_ordinary(_fix_surrogates(text), self._ranks)
 
@@ -467,10 +474,7 @@ class Tokenizer:
         """
         allowed = self._allowed(text, allowed_special, disallowed_special)
         if self._core is not None:
-            try:
-                return self._core.encode(text, self._mask(allowed))
-            except UnicodeEncodeError:
-                return self._core.encode(_fix_surrogates(text), self._mask(allowed))
+            return _on_core(self._core.encode, text, self._mask(allowed))
         return self._ref_encode(_fix_surrogates(text), allowed)
 
     def _ref_encode(self, text: str, allowed: set[str]) -> list[int]:
@@ -490,10 +494,7 @@ class Tokenizer:
         """
         allowed = self._allowed(text, allowed_special, disallowed_special)
         if self._core is not None:
-            try:
-                return self._core.encode_to_numpy(text, self._mask(allowed))
-            except UnicodeEncodeError:
-                return self._core.encode_to_numpy(_fix_surrogates(text), self._mask(allowed))
+            return _on_core(self._core.encode_to_numpy, text, self._mask(allowed))
         import numpy as np
 
         return np.array(self._ref_encode(_fix_surrogates(text), allowed), dtype=np.uint32)
@@ -508,10 +509,7 @@ class Tokenizer:
         if self._core is None:
             return [self.encode_ordinary(t) for t in texts]
         n = max(1, min(num_threads, os.cpu_count() or 1))
-        try:
-            return self._core.encode_batch(texts, None, n)
-        except UnicodeEncodeError:
-            return self._core.encode_batch([_fix_surrogates(t) for t in texts], None, n)
+        return _on_core(self._core.encode_batch, texts, None, n)
 
     def encode_batch(self, text: list[str], *, num_threads: int = 8,
                      allowed_special: Literal["all"] | AbstractSet[str] = set(),
@@ -525,10 +523,7 @@ class Tokenizer:
             return [self._ref_encode(_fix_surrogates(t), allowed) for t in texts]
         n = max(1, min(num_threads, os.cpu_count() or 1))
         mask = self._mask(allowed) or []
-        try:
-            return self._core.encode_batch(texts, mask, n)
-        except UnicodeEncodeError:
-            return self._core.encode_batch([_fix_surrogates(t) for t in texts], mask, n)
+        return _on_core(self._core.encode_batch, texts, mask, n)
 
     def encode_single_token(self, text_or_bytes: str | bytes) -> int:
         """The id of a text that is exactly one token; ``KeyError`` otherwise.
