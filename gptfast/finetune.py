@@ -129,10 +129,13 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
         for inputs, targets in train_loader:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_batch(inputs, targets, model, device)
-            if not math.isfinite(loss.item()):
-                bar.close()
-                raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower --lr")
             loss.backward()
+            # Checked once the backward is queued, so the GPU is busy while the CPU waits for the
+            # value, and before the optimizer step, so a non-finite loss never reaches the weights.
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise FloatingPointError(f"the loss became {value} at step {step}; lower --lr")
             optimizer.step()
             step += 1
             examples += inputs.shape[0]
