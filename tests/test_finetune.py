@@ -273,3 +273,21 @@ def test_cli_reports_bad_data(base_folder, tmp_path, capsys):
     code = main(["finetune", "instruct", "--base", str(tmp_path / "nowhere"), "--data", str(tmp_path / "ok.json"),
                  "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
     assert code == 2 and "neither an existing file or folder" in capsys.readouterr().err
+
+
+def test_fit_stops_on_a_non_finite_loss_before_the_weights_change(tmp_path):
+    from gptfast.finetune import FinetuneConfig, fit
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.zeros(2, 4, dtype=torch.long)
+    loader = [(x, x)]
+
+    def nan_loss(inputs, targets, model, device):
+        return model(inputs).sum() * float("nan")  # has gradients, so backward runs first
+
+    cfg = FinetuneConfig(out_dir=str(tmp_path / "out"), progress=False)
+    with pytest.raises(FloatingPointError, match="lower --lr"):
+        fit(model, loader, loader, nan_loss, cfg, {})
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
