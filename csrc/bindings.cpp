@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "bpe.h"
@@ -133,7 +134,6 @@ inline Rank id_of(PyObject* o) {
     return Rank(v);
 }
 
-// Converts items[0, n) of a list of ids into `out`.
 // The index of `o` in a table of 32-byte ints at `base`: offset / 32 when the offset is a multiple
 // of 32, else a huge number. Rotating right by 5 folds both tests into one comparison.
 inline uint64_t own_index(PyObject* o, uintptr_t base) {
@@ -176,16 +176,20 @@ class OutBytes {
     OutBytes(const OutBytes&) = delete;
     OutBytes& operator=(const OutBytes&) = delete;
 
-    // Decodes ids[0, m), growing the bytes object as needed.
-    void append(const Encoder& enc, const Rank* ids, size_t m) {
+    // Decodes id_at(0), ..., id_at(n - 1), growing the bytes object as needed. Returns how many were
+    // decoded: all of them, or those before the first id of n_vocab or more.
+    template <class IdAt>
+    size_t append(const Encoder& enc, const IdAt& id_at, size_t n) {
+        size_t at = 0;
         for (;;) {
             size_t done = 0;
-            len_ += enc.decode_some(ids, m, PyBytes_AS_STRING(obj_) + len_, cap_ - len_, &done);
-            if (done == m) return;
-            ids += done;
-            m -= done;
+            len_ += enc.decode_ids([id_at, at](size_t i) { return id_at(at + i); }, n - at, PyBytes_AS_STRING(obj_) + len_,
+                                   cap_ - len_, &done);
+            at += done;
+            if (at == n || id_at(at) >= enc.n_vocab()) return at;
             // Room for the next 64 ids at their worst, or half as much again.
-            cap_ = std::max(cap_ + cap_ / 2, len_ + std::min(m, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
+            cap_ = std::max(cap_ + cap_ / 2,
+                            len_ + std::min(n - at, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
             if (_PyBytes_Resize(&obj_, Py_ssize_t(cap_)) != 0) throw py::error_already_set();
             advise_huge();
         }
@@ -345,7 +349,9 @@ class PyEncoder {
         return to_list(out);
     }
 
-    // One pass over the ids in blocks: convert a block, size it, grow the bytes object, decode it.
+    // One pass over the ids, converted as they are decoded, into a bytes object that grows as needed.
+    // Errors come as tiktoken, which converts every id before decoding any, gives them: an id that
+    // cannot be converted (TypeError, OverflowError) wins over an unknown one (KeyError) anywhere.
     py::bytes decode_bytes(const py::handle& tokens) const {
         if (!PyList_Check(tokens.ptr()) && !PyTuple_Check(tokens.ptr()) && PyObject_CheckBuffer(tokens.ptr())) {
             py::bytes out;
@@ -353,27 +359,29 @@ class PyEncoder {
         }
         IdSequence seq(tokens);
         const size_t n = seq.size();
-        PyObject** items = seq.items();
-        // Converted a block at a time (the block stays in cache): our own ints from their address alone.
-        const uintptr_t base = ints_->base();
-        const uint64_t count = ints_->block_count();
-        constexpr size_t kBlock = 1 << 11;
-        Rank block[kBlock];
+        PyObject* const* items = seq.items();
         OutBytes out(n * 3);
-        for (size_t start = 0; start < n; start += kBlock) {
-            const size_t m = std::min(kBlock, n - start);
-            for (size_t i = 0; i < m; ++i) {
-                PyObject* o = items[start + i];
-                const uint64_t k = own_index(o, base);
-                block[i] = k < count ? Rank(k) : checked_id_of(o);
-            }
-            out.append(*enc_, block, m);
+        try {
+            size_t at = 0;
+            // Our own ints are known from their address alone; any other object comes out as
+            // n_vocab or more and ends this loop ...
+            if (ints_->block_count())
+                at = out.append(*enc_, [items, base = ints_->base()](size_t i) { return own_index(items[i], base); }, n);
+            // ... and from there on each id is read from its object.
+            if (at < n)
+                at += out.append(*enc_, [rest = items + at](size_t i) -> uint64_t { return checked_id_of(rest[i]); },
+                                 n - at);
+            if (at < n) throw gptfast::UnknownToken(checked_id_of(items[at]));
+        } catch (const gptfast::UnknownToken&) {
+            for (size_t i = 0; i < n; ++i) checked_id_of(items[i]);  // raises the first conversion error
+            throw;
         }
         return out.finish();
     }
 
-    // A 1-D buffer of native-order integers (numpy arrays, array.array, memoryview), any stride, is
-    // read in place. Returns false for any other buffer, which is then read as a sequence.
+    // A 1-D buffer of integers (numpy arrays, array.array, memoryview) of any width and stride, in
+    // native or explicit byte order, is read in place. Returns false for any other buffer, which is
+    // then read as a sequence.
     bool decode_buffer(const py::handle& tokens, py::bytes* result) const {
         Py_buffer view;
         if (PyObject_GetBuffer(tokens.ptr(), &view, PyBUF_RECORDS_RO) != 0) {
@@ -394,48 +402,48 @@ class PyEncoder {
         const bool is_signed = std::islower(static_cast<unsigned char>(kind)) != 0;
         const size_t n = size_t(view.shape ? view.shape[0] : view.len / view.itemsize);
         const char* base = static_cast<const char*>(view.buf);
-        const size_t width = size_t(view.itemsize);
         const Py_ssize_t stride = view.strides ? view.strides[0] : view.itemsize;
         OutBytes out(n * 3);
-        constexpr size_t kBlock = 1 << 11;
-        std::vector<Rank> block(std::min(n, kBlock));
-        for (size_t start = 0; start < n; start += kBlock) {
-            const size_t m = std::min(kBlock, n - start);
-            if (width == 4 && !is_signed && stride == 4) {
-                out.append(*enc_, reinterpret_cast<const Rank*>(base) + start, m);
-                continue;
+        // One loop per element type. A negative id comes out as 2**64 - |id|, which like any id of
+        // n_vocab or more ends the loop; what it was is sorted out after.
+        auto run = [&](auto zero) {
+            using T = decltype(zero);
+            auto value_at = [base, stride](size_t i) {
+                T v;
+                std::memcpy(&v, base + Py_ssize_t(i) * stride, sizeof v);
+                return v;
+            };
+            auto convertible = [](T v) { return !(std::is_signed<T>::value && v < T(0)) && uint64_t(v) <= 0xFFFFFFFFull; };
+            try {
+                size_t at;
+                if (stride == Py_ssize_t(sizeof(T)))
+                    at = out.append(*enc_, [base](size_t i) {
+                        T v;
+                        std::memcpy(&v, base + i * sizeof(T), sizeof v);
+                        return uint64_t(v);
+                    }, n);
+                else
+                    at = out.append(*enc_, [value_at](size_t i) { return uint64_t(value_at(i)); }, n);
+                if (at < n) throw gptfast::UnknownToken(uint64_t(value_at(at)));
+            } catch (const gptfast::UnknownToken&) {
+                for (size_t i = 0; i < n; ++i)
+                    if (!convertible(value_at(i))) {
+                        PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
+                        throw py::error_already_set();
+                    }
+                throw;
             }
-            for (size_t i = 0; i < m; ++i) {
-                const char* q = base + Py_ssize_t(start + i) * stride;
-                int64_t v;
-                switch (width) {
-                    case 1: v = is_signed ? int64_t(*reinterpret_cast<const int8_t*>(q)) : int64_t(uint8_t(*q)); break;
-                    case 2: {
-                        uint16_t u;
-                        std::memcpy(&u, q, 2);
-                        v = is_signed ? int64_t(int16_t(u)) : int64_t(u);
-                        break;
-                    }
-                    case 4: {
-                        uint32_t u;
-                        std::memcpy(&u, q, 4);
-                        v = is_signed ? int64_t(int32_t(u)) : int64_t(u);
-                        break;
-                    }
-                    default: {
-                        uint64_t u;
-                        std::memcpy(&u, q, 8);
-                        if (!is_signed && u > 0xFFFFFFFFull) v = -1;
-                        else v = int64_t(u);
-                    }
-                }
-                if (v < 0 || v > int64_t(0xFFFFFFFF)) {
-                    PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
-                    throw py::error_already_set();
-                }
-                block[i] = Rank(v);
-            }
-            out.append(*enc_, block.data(), m);
+        };
+        switch (size_t(view.itemsize) * 2 + (is_signed ? 1 : 0)) {
+            case 2: run(uint8_t(0)); break;
+            case 3: run(int8_t(0)); break;
+            case 4: run(uint16_t(0)); break;
+            case 5: run(int16_t(0)); break;
+            case 8: run(uint32_t(0)); break;
+            case 9: run(int32_t(0)); break;
+            case 16: run(uint64_t(0)); break;
+            case 17: run(int64_t(0)); break;
+            default: return false;
         }
         *result = out.finish();
         return true;

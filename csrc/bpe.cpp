@@ -209,7 +209,7 @@ Rank RankTable::find_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
 // ---------------------------------------------------------------------------------------------
 
 namespace {
-constexpr uint32_t kMissing = 0xFFFFFFFFu;
+constexpr uint32_t kMissing = 0xFFFFFFFFu;  // no such node
 constexpr size_t kSmallPiece = 128;  // pieces up to this many bytes use the quadratic merge loop
 constexpr size_t kPad = 16;
 
@@ -322,13 +322,13 @@ Encoder::Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<st
         max_id = std::max<uint64_t>(max_id, kv.second);
     }
     n_vocab_ = size_t(max_id) + 1;
-    dec_.assign(n_vocab_, Span{0, kMissing});
+    dec_.assign(n_vocab_, Span{0, kNoToken});
     size_t total = 0;
     for (auto& kv : ranks) total += kv.first.size();
     for (auto& kv : specials_) total += kv.first.size();
     dec_arena_.reserve(total + kPad);
     auto add = [&](const std::pair<std::string, Rank>& kv) {
-        if (dec_[kv.second].len != kMissing)
+        if (dec_[kv.second].len != kNoToken)
             throw InvalidArgument("two tokens have the id " + std::to_string(kv.second));
         dec_[kv.second] = Span{uint32_t(dec_arena_.size()), uint32_t(kv.first.size())};
         max_token_len_ = std::max(max_token_len_, kv.first.size());
@@ -337,7 +337,7 @@ Encoder::Encoder(std::vector<std::pair<std::string, Rank>> ranks, std::vector<st
     for (auto& kv : ranks) add(kv);
     for (auto& kv : specials_) add(kv);
     dec_arena_.append(kPad, '\0');
-    inline_.assign(n_vocab_, Inline{{}, kMissing});
+    inline_.assign(n_vocab_, Inline{{}, kNoToken});
     for (size_t id = 0; id < n_vocab_; ++id) {
         inline_[id].len = dec_[id].len;
         if (dec_[id].len <= sizeof(Inline::bytes)) std::memcpy(inline_[id].bytes, dec_arena_.data() + dec_[id].off, dec_[id].len);
@@ -350,7 +350,7 @@ std::string Encoder::to_tiktoken() const {
     std::vector<bool> special(n_vocab_, false);
     for (auto& kv : specials_) special[kv.second] = true;
     for (size_t id = 0; id < n_vocab_; ++id)
-        if (dec_[id].len != kMissing && !special[id])
+        if (dec_[id].len != kNoToken && !special[id])
             items.emplace_back(Rank(id), std::string_view(dec_arena_.data() + dec_[id].off, dec_[id].len));
     std::string out;
     for (auto& it : items) {
@@ -717,51 +717,14 @@ size_t Encoder::count_ordinary(std::string_view text) const {
 // Encoder: decoding
 // ---------------------------------------------------------------------------------------------
 
-size_t Encoder::decode_some(const Rank* ids, size_t n, char* dst, size_t room, size_t* done) const {
-    const char* arena = dec_arena_.data();
-    const Span* dec = dec_.data();
-    const Inline* inl = inline_.data();
-    const size_t nv = n_vocab_;
-    const size_t per = max_token_len_ + kDecodeSlack;  // the most one token can write
-    char* d = dst;
-    char* const end = dst + room;
-    size_t i = 0;
-    while (i < n) {
-        // A group of ids that fits in the room left whatever their lengths, so the loop checks no room.
-        const size_t group = std::min(size_t(end - d) / per, n - i);
-        if (group == 0) break;
-        for (const size_t stop = i + group; i < stop; ++i) {
-            const Rank id = ids[i];
-            if (id >= nv) throw UnknownToken(id);
-            Inline e;  // a local copy, so the store below cannot make the compiler reload len
-            std::memcpy(&e, &inl[id], sizeof e);
-            const uint32_t len = e.len;
-            if (len <= sizeof(Inline::bytes)) {
-                std::memcpy(d, &e, 16);  // the bytes past len are overwritten by the next token or trimmed
-                d += len;
-                continue;
-            }
-            const Span sp = dec[id];
-            if (sp.len == kMissing) throw UnknownToken(id);
-            std::memcpy(d, arena + sp.off, sp.len);
-            d += sp.len;
-        }
-    }
-    // The tail, token by token, for when the room left is less than one worst-case token.
-    for (; i < n; ++i) {
-        const Rank id = ids[i];
-        if (id >= nv || dec[id].len == kMissing) throw UnknownToken(id);
-        const Span sp = dec[id];
-        if (size_t(end - d) < sp.len + kDecodeSlack) break;
-        std::memcpy(d, arena + sp.off, sp.len);
-        d += sp.len;
-    }
-    *done = i;
-    return size_t(d - dst);
+size_t Encoder::copy_token(uint64_t id, char* dst) const {
+    if (id >= n_vocab_ || dec_[id].len == kNoToken) throw UnknownToken(id);
+    std::memcpy(dst, dec_arena_.data() + dec_[id].off, dec_[id].len);
+    return dec_[id].len;
 }
 
 std::string Encoder::token_bytes(uint64_t id) const {
-    if (id >= n_vocab_ || dec_[id].len == kMissing) throw UnknownToken(id);
+    if (id >= n_vocab_ || dec_[id].len == kNoToken) throw UnknownToken(id);
     return std::string(dec_arena_.data() + dec_[id].off, dec_[id].len);
 }
 

@@ -12,7 +12,9 @@
 #pragma once
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -117,11 +119,17 @@ class Encoder {
     // Number of tokens, encoded into a fresh vector as encode_to_numpy does (to time the core alone).
     size_t count_ordinary(std::string_view text) const;
 
-    // Decodes ids from the front of [ids, ids + n) into `dst` while they fit in `room` bytes with
-    // kDecodeSlack to spare (short tokens are copied with fixed 16-byte moves). Sets `*done` to
-    // the number of ids decoded and returns the number of bytes written. Throws UnknownToken.
+    // Decodes the ids id_at(0), ..., id_at(n - 1) (each a uint64_t) from the front into `dst` while
+    // they fit in `room` bytes with kDecodeSlack to spare (short tokens are copied with fixed
+    // 16-byte moves). Returns the number of bytes written and sets `*done` to the number of ids
+    // decoded, which is less than n where the room ran out or at the first id of n_vocab() or
+    // more (the caller tells these apart by that id). Throws UnknownToken for an id below
+    // n_vocab() that has no token. `id_at` is inlined into the loop, so a caller that reads ids
+    // from its own layout (Python ints, strided arrays) converts them on the fly, with no copy,
+    // and can send anything it cannot convert quickly as a large number to handle it itself.
     static constexpr size_t kDecodeSlack = 16;
-    size_t decode_some(const Rank* ids, size_t n, char* dst, size_t room, size_t* done) const;
+    template <class IdAt>
+    size_t decode_ids(const IdAt& id_at, size_t n, char* dst, size_t room, size_t* done) const;
     size_t max_token_len() const { return max_token_len_; }
     std::string token_bytes(uint64_t id) const;  // throws UnknownToken
 
@@ -168,6 +176,7 @@ class Encoder {
     struct Span {
         uint32_t off, len;
     };
+    static constexpr uint32_t kNoToken = 0xFFFFFFFFu;  // the len of an id with no token
     std::vector<Span> dec_;
     std::string dec_arena_;
     // The same for decoding fast: tokens of up to 12 bytes inline, so one 16-byte load gets them.
@@ -176,10 +185,71 @@ class Encoder {
         uint32_t len;  // > 12: look in dec_
     };
     std::vector<Inline> inline_;
+    size_t copy_token(uint64_t id, char* dst) const;  // any token's bytes; throws UnknownToken
     size_t n_vocab_ = 0;
     size_t max_token_len_ = 0;
     uint64_t uid_ = 0;  // distinguishes encoders in per-thread caches (addresses can be reused)
 };
+
+// Kept out of line: inlined into a large caller, its loop would keep its pointers on the stack.
+#if defined(__GNUC__)
+#define GPTFAST_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define GPTFAST_NOINLINE __declspec(noinline)
+#else
+#define GPTFAST_NOINLINE
+#endif
+
+template <class IdAt>
+GPTFAST_NOINLINE size_t Encoder::decode_ids(const IdAt& id_at, size_t n, char* dst, size_t room,
+                                            size_t* done) const {
+    // A local copy: the char stores below cannot alias it, so what it captures stays in registers
+    // (captures should be by value for the same reason).
+    const IdAt get = id_at;
+    const Inline* inl = inline_.data();
+    const uint64_t nv = n_vocab_;
+    const size_t per = max_token_len_ + kDecodeSlack;  // the most one token can write
+    char* d = dst;
+    char* const end = dst + room;
+    size_t i = 0;
+    while (i < n) {
+        // A group of ids that fits in the room left whatever their lengths, so the loop checks no room.
+        const size_t group = std::min(size_t(end - d) / per, n - i);
+        if (group == 0) break;
+        for (const size_t stop = i + group; i < stop; ++i) {
+            const uint64_t id = get(i);
+            if (id >= nv) {
+                n = i;  // stop here
+                break;
+            }
+            const uint32_t len = inl[id].len;
+            if (len <= sizeof(Inline::bytes)) {
+                // One 16-byte move; the bytes past len are overwritten by the next token or trimmed.
+#if defined(__GNUC__)
+                typedef char V16 __attribute__((vector_size(16), aligned(1)));
+                V16 v;
+                std::memcpy(&v, &inl[id], 16);
+                std::memcpy(d, &v, 16);
+#else
+                std::memcpy(d, &inl[id], 16);
+#endif
+                d += len;
+            } else {
+                d += copy_token(id, d);
+            }
+        }
+    }
+    // The tail, token by token, for when the room left is less than one worst-case token.
+    for (; i < n; ++i) {
+        const uint64_t id = get(i);
+        if (id >= nv) break;
+        if (dec_[id].len == kNoToken) throw UnknownToken(id);
+        if (size_t(end - d) < dec_[id].len + kDecodeSlack) break;
+        d += copy_token(id, d);
+    }
+    *done = i;
+    return size_t(d - dst);
+}
 
 // Counts of distinct pieces of a corpus (the input of the trainer).
 struct PieceCounts {

@@ -554,11 +554,16 @@ class Tokenizer:
             if type(tokens).__module__ == "torch" and hasattr(tokens, "numpy"):  # read a tensor in place
                 tokens = tokens.detach().cpu().numpy()
             return self._core.decode_bytes(tokens)
-        out = []
+        # Every id is converted before any is looked up, as tiktoken does, so a TypeError or an
+        # OverflowError anywhere wins over a KeyError.
+        ids = []
         for t in tokens:
             t = operator.index(t)
             if t < 0 or t >= 1 << 32:
                 raise OverflowError("out of range integral type conversion attempted")
+            ids.append(t)
+        out = []
+        for t in ids:
             try:
                 out.append(self._decoder[t])
             except KeyError:

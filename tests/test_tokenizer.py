@@ -204,6 +204,38 @@ def test_decode_errors_match_tiktoken(enc, fast, ref, bad, error):
             tok.decode([1, *bad])
 
 
+def test_decode_error_order_matches_tiktoken(enc, fast, ref):
+    # tiktoken converts every id before it looks any up: a bad id anywhere beats an unknown one.
+    np = pytest.importorskip("numpy")
+    own = fast.encode_ordinary("ids the fast path made itself " * 300)  # > one block of ids
+    cases = [[60000, -1], [60000, 1.5], own + [60000] + own + [2**40], own + [60000] + own + ["x"],
+             own + [60000, 50257], [1, 2, 3] + own + [-5], list(own), own + [True, 2]]
+    for ids in cases:
+        try:
+            want = enc.decode_bytes(ids)
+        except Exception as e:
+            want = type(e)
+        for tok in (fast, ref):
+            for arg in (ids, tuple(ids)):
+                try:
+                    got = tok.decode_bytes(arg)
+                except Exception as e:
+                    got = type(e)
+                assert got == want, (tok, ids[-3:])
+    for values, dtype in (([60000, -1], np.int64), ([60000, 2**40], np.uint64), ([60000, 1, -2], np.int8),
+                          ([-1, 60000], np.int32), ([60000, 3], np.uint16)):
+        arr = np.array(values).astype(dtype)
+        for view in (arr, arr[::-1], np.repeat(arr, 3000)[::3]):
+            try:
+                want = enc.decode_bytes(view)
+            except Exception as e:
+                want = type(e)
+            assert want in (OverflowError, KeyError)
+            for tok in (fast, ref):
+                with pytest.raises(want):
+                    tok.decode_bytes(view)
+
+
 @pytest.mark.parametrize("dtype", ["uint32", "int64", "uint16", "int32", "uint64", ">u4", "<i8"])
 def test_decode_arrays_match_tiktoken(enc, fast, ref, dtype):
     np = pytest.importorskip("numpy")
