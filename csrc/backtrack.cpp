@@ -30,6 +30,17 @@ namespace gptfast {
 namespace {
 constexpr uint32_t kNone = 0xFFFFFFFFu;
 
+inline unsigned popcount(uint64_t x) {
+#if defined(__GNUC__) && defined(__POPCNT__)
+    return unsigned(__builtin_popcountll(x));
+#else
+    x -= (x >> 1) & 0x5555555555555555ull;
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return unsigned((x * 0x0101010101010101ull) >> 56);
+#endif
+}
+
 // Open-addressing map from integer keys (never all ones) to 32-bit values, for keys built from
 // token ids and trie nodes. Key and value share a slot, so a lookup touches one cache line.
 template <class Key>
@@ -100,7 +111,8 @@ class KeyFilter {
 struct Encoder::LongTables {
     bool proper = false;
     struct Tok {           // what the walk needs of a token, in one 16-byte record
-        uint32_t left, right;  // canonical split (kNone for bytes and unusable ids)
+        uint32_t left, right;  // canonical split; for a single byte, left is kNone and right the byte
+                               // (both kNone for unusable ids)
         uint32_t shorter;      // the longest usable token that is a proper prefix, or kNone
         uint32_t length;       // bytes
     };
@@ -114,14 +126,29 @@ struct Encoder::LongTables {
         const uint64_t key = uint64_t(r) << 32 | l;
         return pair_filter.maybe(key) ? pairs.get(key) : kNone;
     }
+    // Two single bytes, the pair asked about most, are looked up directly.
+    std::vector<uint32_t> byte_pair;  // (byte0 << 8 | byte1) -> their 2-byte token, or kNone
 
     // A byte trie of the usable tokens. A node where a token ends is numbered by that token's id,
     // any other node from n_vocab up, so a node tells which token ends there without a lookup.
-    // Nodes at depth 1 and 2 are found by direct indexing, deeper ones through a hash map.
+    // Nodes at depth 1 and 2 are found by direct indexing; those at depth 3, where most walks end,
+    // through a bitmap of the bytes that continue each depth-2 node (the children of one node lie
+    // together, so a walk over ordinary text touches few cache lines); deeper ones through a hash map.
     size_t n_vocab = 0;
     uint32_t root_child[256];
-    std::vector<uint32_t> depth2;  // (byte0 << 8 | byte1) -> node, or kNone
-    IdMap<uint32_t> child;         // (node << 8 | byte) -> node
+    struct Depth2 {
+        uint32_t node;  // or kNone
+        uint32_t kids;  // index into `kids`, or kNone when no token continues
+    };
+    std::vector<Depth2> depth2;  // (byte0 << 8 | byte1) -> node
+    struct Kids {
+        uint64_t bits[4];   // the bytes that continue the node
+        uint32_t first;     // its children in `child3`, in byte order, from here
+        uint8_t before[4];  // set bits in bits[0, i)
+    };
+    std::vector<Kids> kids;
+    std::vector<uint32_t> child3;
+    IdMap<uint32_t> child;  // (node << 8 | byte) -> node, for nodes at depth 3 and more
     KeyFilter child_filter;
 
     // Whether the rule, given the bytes of a then b, keeps them as [a, b]. The right edge of a
@@ -131,7 +158,8 @@ struct Encoder::LongTables {
         uint32_t r = a, l = b;
         uint64_t r_end = ~uint64_t(0), l_end = ~uint64_t(0);  // when r and l were replaced (never)
         for (;;) {
-            const uint32_t c = pair(r, l);
+            const bool r_byte = tok[r].left == kNone, l_byte = tok[l].left == kNone;
+            const uint32_t c = r_byte && l_byte ? byte_pair[tok[r].right << 8 | tok[l].right] : pair(r, l);
             if (c != kNone) {
                 const uint64_t until = std::min(r_end, l_end);
                 if (c < until) return false;
@@ -139,7 +167,6 @@ struct Encoder::LongTables {
                 // takes the leftmost pair first, so the join across wins.
                 if (c == until && l_end < r_end) return false;
             }
-            const bool r_byte = tok[r].left == kNone, l_byte = tok[l].left == kNone;
             if (r_byte && l_byte) return true;
             // Step back past the later of the two merges that made r and l. With equal ranks
             // (the same token on both sides) the right one was made second.
@@ -157,10 +184,17 @@ struct Encoder::LongTables {
     uint32_t longest(const uint8_t* p, size_t n) const {
         uint32_t best = root_child[p[0]];
         if (n < 2) return best;
-        uint32_t node = depth2[size_t(p[0]) << 8 | p[1]];
-        if (node == kNone) return best;
+        const Depth2 d2 = depth2[size_t(p[0]) << 8 | p[1]];
+        if (d2.node == kNone) return best;
+        if (d2.node < n_vocab) best = d2.node;
+        if (n < 3 || d2.kids == kNone) return best;
+        const Kids& k = kids[d2.kids];
+        const unsigned b = p[2];
+        const uint64_t word = k.bits[b >> 6];
+        if (!((word >> (b & 63)) & 1)) return best;
+        uint32_t node = child3[k.first + k.before[b >> 6] + popcount(word & ((uint64_t(1) << (b & 63)) - 1))];
         if (node < n_vocab) best = node;
-        for (size_t i = 2; i < n; ++i) {
+        for (size_t i = 3; i < n; ++i) {
             const uint32_t key = node << 8 | p[i];
             if (!child_filter.maybe(key)) break;  // most walks end on a byte no token continues with
             node = child.get(key);
@@ -216,6 +250,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
             if (dec_[id].len == 0xFFFFFFFFu || special[id]) continue;
             t->tok[id].length = dec_[id].len;
             if (dec_[id].len == 1) {
+                t->tok[id].right = uint8_t(dec_arena_[dec_[id].off]);
                 usable[id] = 1;
                 continue;
             }
@@ -231,10 +266,19 @@ const Encoder::LongTables* Encoder::long_tables() const {
             if (byte_rank_[byte] == kNoRank || usable[byte_rank_[byte]] == 0) proper = false;
         t->proper = proper;
         if (proper) {
-            t->pair_filter.reserve(count, 16);
-            t->pairs.reserve(count);
+            t->byte_pair.assign(65536, kNone);
+            size_t of_bytes = 0;
+            for (size_t id = 0; id < nv; ++id) {
+                const uint32_t a = t->tok[id].left, b = t->tok[id].right;
+                if (a != kNone && t->tok[a].left == kNone && t->tok[b].left == kNone) {
+                    t->byte_pair[t->tok[a].right << 8 | t->tok[b].right] = uint32_t(id);
+                    ++of_bytes;
+                }
+            }
+            t->pair_filter.reserve(count - of_bytes, 16);
+            t->pairs.reserve(count - of_bytes);
             for (size_t id = 0; id < nv; ++id)
-                if (t->tok[id].left != kNone) {
+                if (t->tok[id].left != kNone && t->tok[id].length > 2) {
                     const uint64_t key = uint64_t(t->tok[id].left) << 32 | t->tok[id].right;
                     t->pairs.put(key, uint32_t(id));
                     t->pair_filter.add(key);
@@ -243,7 +287,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
             // so a token's own node is new when it is added and can take the token's id.
             t->n_vocab = nv;
             for (int byte = 0; byte < 256; ++byte) t->root_child[byte] = byte_rank_[byte];
-            t->depth2.assign(65536, kNone);
+            t->depth2.assign(65536, LongTables::Depth2{kNone, kNone});
             std::vector<uint32_t> order;
             for (size_t id = 0; id < nv; ++id)
                 if (usable[id] && t->tok[id].length >= 2) order.push_back(uint32_t(id));
@@ -253,12 +297,13 @@ const Encoder::LongTables* Encoder::long_tables() const {
             for (const uint32_t id : order) deep += t->tok[id].length - 2;
             IdMap<uint32_t> building;  // sized for the bound while building; the kept map fits the real count
             building.reserve(deep);
-            std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node)
+            std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node), below depth 3
+            std::vector<std::pair<uint32_t, uint32_t>> edges3;  // (byte0 << 16 | byte1 << 8 | byte2, node)
             uint32_t next_inner = uint32_t(nv);
             for (const uint32_t id : order) {
                 const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
                 const size_t len = t->tok[id].length;
-                uint32_t& second = t->depth2[size_t(p[0]) << 8 | p[1]];
+                uint32_t& second = t->depth2[size_t(p[0]) << 8 | p[1]].node;
                 if (len == 2) {
                     second = id;
                     continue;
@@ -271,7 +316,10 @@ const Encoder::LongTables* Encoder::long_tables() const {
                     if (next == kNone) {
                         next = i + 1 == len ? id : next_inner++;
                         building.put(key, next);
-                        edges.emplace_back(key, next);
+                        if (i == 2)
+                            edges3.emplace_back(uint32_t(p[0]) << 16 | uint32_t(p[1]) << 8 | p[2], next);
+                        else
+                            edges.emplace_back(key, next);
                     }
                     node = next;
                 }
@@ -284,6 +332,19 @@ const Encoder::LongTables* Encoder::long_tables() const {
                 for (const auto& e : edges) {
                     t->child.put(e.first, e.second);
                     t->child_filter.add(e.first);
+                }
+                std::sort(edges3.begin(), edges3.end());
+                for (const auto& e : edges3) {
+                    LongTables::Depth2& d2 = t->depth2[e.first >> 8];
+                    if (d2.kids == kNone) {
+                        d2.kids = uint32_t(t->kids.size());
+                        t->kids.push_back(LongTables::Kids{{0, 0, 0, 0}, uint32_t(t->child3.size()), {0, 0, 0, 0}});
+                    }
+                    LongTables::Kids& k = t->kids[d2.kids];
+                    const unsigned b = e.first & 0xFF;
+                    k.bits[b >> 6] |= uint64_t(1) << (b & 63);
+                    for (unsigned w = (b >> 6) + 1; w < 4; ++w) ++k.before[w];
+                    t->child3.push_back(e.second);
                 }
             }
             for (size_t id = 0; id < nv; ++id) {

@@ -267,9 +267,16 @@ class PyEncoder {
             return py::reinterpret_steal<py::list>(list);
         }
         std::vector<uint32_t> count(ints_->size(), 0);
-        for (size_t i = 0; i < n; ++i) {
-            ++count[ids[i]];
-            items[i] = table[ids[i]];
+        if (const uintptr_t base = ints_->base()) {  // one block of 32-byte ints: no table to read
+            for (size_t i = 0; i < n; ++i) {
+                ++count[ids[i]];
+                items[i] = reinterpret_cast<PyObject*>(base + (uintptr_t(ids[i]) << 5));
+            }
+        } else {
+            for (size_t i = 0; i < n; ++i) {
+                ++count[ids[i]];
+                items[i] = table[ids[i]];
+            }
         }
         for (size_t id = 0; id < count.size(); ++id) {
             if (!count[id]) continue;
