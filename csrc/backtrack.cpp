@@ -80,6 +80,40 @@ class IdMap {
     size_t mask_ = 0;
 };
 
+// (left, right) -> token, for ids below 2^20, in 8-byte slots (a 40-bit key and a 24-bit value),
+// at a load factor of at most 3/4: for GPT-2's merges, 512 KB.
+class PairMap {
+  public:
+    static constexpr uint32_t kMaxId = 1u << 20;
+    void reserve(size_t n) {
+        size_t cap = 16;
+        while (cap * 3 < n * 4) cap <<= 1;
+        slots_.assign(cap, kEmpty);
+        mask_ = cap - 1;
+    }
+    void put(uint32_t a, uint32_t b, uint32_t v) {
+        const uint64_t k = key(a, b);
+        size_t i = slot(k);
+        while (slots_[i] != kEmpty && slots_[i] >> 24 != k) i = (i + 1) & mask_;
+        slots_[i] = k << 24 | v;
+    }
+    uint32_t get(uint32_t a, uint32_t b) const {
+        const uint64_t k = key(a, b);
+        for (size_t i = slot(k);; i = (i + 1) & mask_) {
+            const uint64_t s = slots_[i];
+            if (s >> 24 == k) return uint32_t(s & 0xFFFFFF);
+            if (s == kEmpty) return kNone;
+        }
+    }
+
+  private:
+    static constexpr uint64_t kEmpty = ~uint64_t(0);  // its key, 2^40 - 1, is no pair of ids below 2^20
+    static uint64_t key(uint32_t a, uint32_t b) { return uint64_t(a) << 20 | b; }
+    size_t slot(uint64_t k) const { return size_t(((k ^ (k >> 29)) * 0x9E3779B97F4A7C15ull) >> 29) & mask_; }
+    std::vector<uint64_t> slots_;
+    size_t mask_ = 0;
+};
+
 // A one-hash filter in front of an IdMap: small enough to stay in cache, it answers most
 // lookups of absent keys without touching the map.
 class KeyFilter {
@@ -119,12 +153,11 @@ struct Encoder::LongTables {
     std::vector<Tok> tok;
     // (left, right) -> the token they are the canonical split of, behind a filter (most pairs
     // asked about are not there).
-    IdMap<uint64_t> pairs;
+    PairMap pairs;
     KeyFilter pair_filter;
 
     uint32_t pair(uint32_t r, uint32_t l) const {
-        const uint64_t key = uint64_t(r) << 32 | l;
-        return pair_filter.maybe(key) ? pairs.get(key) : kNone;
+        return pair_filter.maybe(uint64_t(r) << 32 | l) ? pairs.get(r, l) : kNone;
     }
     // Two single bytes, the pair asked about most, are looked up directly.
     std::vector<uint32_t> byte_pair;  // (byte0 << 8 | byte1) -> their 2-byte token, or kNone
@@ -244,7 +277,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
         std::vector<uint8_t> usable(nv, 0);
         std::vector<uint8_t> special(nv, 0);
         for (const auto& sp : specials_) special[sp.second] = 1;
-        bool proper = true;
+        bool proper = nv < PairMap::kMaxId;
         size_t count = 0;
         for (size_t id = 0; id < nv; ++id) {
             if (dec_[id].len == 0xFFFFFFFFu || special[id]) continue;
@@ -279,9 +312,8 @@ const Encoder::LongTables* Encoder::long_tables() const {
             t->pairs.reserve(count - of_bytes);
             for (size_t id = 0; id < nv; ++id)
                 if (t->tok[id].left != kNone && t->tok[id].length > 2) {
-                    const uint64_t key = uint64_t(t->tok[id].left) << 32 | t->tok[id].right;
-                    t->pairs.put(key, uint32_t(id));
-                    t->pair_filter.add(key);
+                    t->pairs.put(t->tok[id].left, t->tok[id].right, uint32_t(id));
+                    t->pair_filter.add(uint64_t(t->tok[id].left) << 32 | t->tok[id].right);
                 }
             // The trie, and each token's longest usable proper prefix. Tokens go in shortest first,
             // so a token's own node is new when it is added and can take the token's id.
