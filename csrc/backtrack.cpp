@@ -164,25 +164,25 @@ struct Encoder::LongTables {
 
     // A byte trie of the usable tokens. A node where a token ends is numbered by that token's id,
     // any other node from n_vocab up, so a node tells which token ends there without a lookup.
-    // Nodes at depth 1 and 2 are found by direct indexing; those at depth 3, where most walks end,
-    // through a bitmap of the bytes that continue each depth-2 node (the children of one node lie
-    // together, so a walk over ordinary text touches few cache lines); deeper ones through a hash map.
+    // Nodes at depth 1 and 2 are found by direct indexing. Below that, each node that has children
+    // keeps a bitmap of the bytes that continue it, and its children lie side by side in byte
+    // order, so a child is found by counting bits. The records are laid out breadth first from the
+    // depth-2 nodes, so those of one prefix lie together and a walk over ordinary text keeps a
+    // small working set (a hash map of edges would spread one node's edges over the whole table).
     size_t n_vocab = 0;
     uint32_t root_child[256];
-    struct Depth2 {
+    struct Node {
         uint32_t node;  // or kNone
         uint32_t kids;  // index into `kids`, or kNone when no token continues
     };
-    std::vector<Depth2> depth2;  // (byte0 << 8 | byte1) -> node
+    std::vector<Node> depth2;  // (byte0 << 8 | byte1) -> node
     struct Kids {
         uint64_t bits[4];   // the bytes that continue the node
-        uint32_t first;     // its children in `child3`, in byte order, from here
+        uint32_t first;     // its children in `child`, in byte order, from here
         uint8_t before[4];  // set bits in bits[0, i)
     };
     std::vector<Kids> kids;
-    std::vector<uint32_t> child3;
-    IdMap<uint32_t> child;  // (node << 8 | byte) -> node, for nodes at depth 3 and more
-    KeyFilter child_filter;
+    std::vector<Node> child;
 
     // Whether the rule, given the bytes of a then b, keeps them as [a, b]. The right edge of a
     // (its last part as it grew) and the left edge of b are followed back in time; each pair of
@@ -203,13 +203,13 @@ struct Encoder::LongTables {
             if (r_byte && l_byte) return true;
             // Step back past the later of the two merges that made r and l. With equal ranks
             // (the same token on both sides) the right one was made second.
-            if (!r_byte && (l_byte || r > l)) {
-                r_end = r;
-                r = tok[r].right;
-            } else {
-                l_end = l;
-                l = tok[l].left;
-            }
+            // Written to select rather than branch: which side steps back is data, not a pattern.
+            const bool step_r = !r_byte && (l_byte || r > l);
+            const uint32_t r_next = tok[r].right, l_next = tok[l].left;
+            r_end = step_r ? uint64_t(r) : r_end;
+            l_end = step_r ? l_end : uint64_t(l);
+            r = step_r ? r_next : r;
+            l = step_r ? l : l_next;
         }
     }
 
@@ -217,22 +217,17 @@ struct Encoder::LongTables {
     uint32_t longest(const uint8_t* p, size_t n) const {
         uint32_t best = root_child[p[0]];
         if (n < 2) return best;
-        const Depth2 d2 = depth2[size_t(p[0]) << 8 | p[1]];
+        const Node d2 = depth2[size_t(p[0]) << 8 | p[1]];
         if (d2.node == kNone) return best;
         if (d2.node < n_vocab) best = d2.node;
-        if (n < 3 || d2.kids == kNone) return best;
-        const Kids& k = kids[d2.kids];
-        const unsigned b = p[2];
-        const uint64_t word = k.bits[b >> 6];
-        if (!((word >> (b & 63)) & 1)) return best;
-        uint32_t node = child3[k.first + k.before[b >> 6] + popcount(word & ((uint64_t(1) << (b & 63)) - 1))];
-        if (node < n_vocab) best = node;
-        for (size_t i = 3; i < n; ++i) {
-            const uint32_t key = node << 8 | p[i];
-            if (!child_filter.maybe(key)) break;  // most walks end on a byte no token continues with
-            node = child.get(key);
-            if (node == kNone) break;
-            if (node < n_vocab) best = node;
+        for (size_t i = 2, at = d2.kids; i < n && at != kNone; ++i) {
+            const Kids& k = kids[at];
+            const unsigned b = p[i];
+            const uint64_t word = k.bits[b >> 6];
+            if (!((word >> (b & 63)) & 1)) break;  // most walks end on a byte no token continues with
+            const Node c = child[k.first + k.before[b >> 6] + popcount(word & ((uint64_t(1) << (b & 63)) - 1))];
+            if (c.node < n_vocab) best = c.node;
+            at = c.kids;
         }
         return best;
     }
@@ -319,7 +314,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
             // so a token's own node is new when it is added and can take the token's id.
             t->n_vocab = nv;
             for (int byte = 0; byte < 256; ++byte) t->root_child[byte] = byte_rank_[byte];
-            t->depth2.assign(65536, LongTables::Depth2{kNone, kNone});
+            t->depth2.assign(65536, LongTables::Node{kNone, kNone});
             std::vector<uint32_t> order;
             for (size_t id = 0; id < nv; ++id)
                 if (usable[id] && t->tok[id].length >= 2) order.push_back(uint32_t(id));
@@ -327,10 +322,9 @@ const Encoder::LongTables* Encoder::long_tables() const {
                              [&](uint32_t x, uint32_t y) { return t->tok[x].length < t->tok[y].length; });
             size_t deep = 0;  // an upper bound on the edges below depth 2
             for (const uint32_t id : order) deep += t->tok[id].length - 2;
-            IdMap<uint32_t> building;  // sized for the bound while building; the kept map fits the real count
+            IdMap<uint32_t> building;
             building.reserve(deep);
-            std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node), below depth 3
-            std::vector<std::pair<uint32_t, uint32_t>> edges3;  // (byte0 << 16 | byte1 << 8 | byte2, node)
+            std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node), below depth 2
             uint32_t next_inner = uint32_t(nv);
             for (const uint32_t id : order) {
                 const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
@@ -348,10 +342,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
                     if (next == kNone) {
                         next = i + 1 == len ? id : next_inner++;
                         building.put(key, next);
-                        if (i == 2)
-                            edges3.emplace_back(uint32_t(p[0]) << 16 | uint32_t(p[1]) << 8 | p[2], next);
-                        else
-                            edges.emplace_back(key, next);
+                        edges.emplace_back(key, next);
                     }
                     node = next;
                 }
@@ -359,25 +350,33 @@ const Encoder::LongTables* Encoder::long_tables() const {
             if (next_inner >= (uint32_t(1) << 24) - 1) {
                 t->proper = false;  // too many nodes for 32-bit keys: use the merge rule directly
             } else {
-                t->child.reserve(edges.size());
-                t->child_filter.reserve(edges.size(), 8);
-                for (const auto& e : edges) {
-                    t->child.put(e.first, e.second);
-                    t->child_filter.add(e.first);
+                // Each node's edges, in byte order; records handed out breadth first.
+                std::sort(edges.begin(), edges.end());
+                std::vector<uint32_t> start(next_inner, kNone), count(next_inner, 0), kids_of(next_inner, kNone);
+                for (size_t e = 0; e < edges.size(); ++e) {
+                    const uint32_t parent = edges[e].first >> 8;
+                    if (start[parent] == kNone) start[parent] = uint32_t(e);
+                    ++count[parent];
                 }
-                std::sort(edges3.begin(), edges3.end());
-                for (const auto& e : edges3) {
-                    LongTables::Depth2& d2 = t->depth2[e.first >> 8];
-                    if (d2.kids == kNone) {
-                        d2.kids = uint32_t(t->kids.size());
-                        t->kids.push_back(LongTables::Kids{{0, 0, 0, 0}, uint32_t(t->child3.size()), {0, 0, 0, 0}});
+                std::vector<uint32_t> queue;
+                for (const auto& d2 : t->depth2)
+                    if (d2.node != kNone && count[d2.node]) queue.push_back(d2.node);
+                for (size_t q = 0; q < queue.size(); ++q) {
+                    const uint32_t node = queue[q];
+                    LongTables::Kids k{{0, 0, 0, 0}, uint32_t(t->child.size()), {0, 0, 0, 0}};
+                    for (uint32_t e = start[node]; e < start[node] + count[node]; ++e) {
+                        const unsigned b = edges[e].first & 0xFF;
+                        k.bits[b >> 6] |= uint64_t(1) << (b & 63);
+                        for (unsigned w = (b >> 6) + 1; w < 4; ++w) ++k.before[w];
+                        t->child.push_back(LongTables::Node{edges[e].second, kNone});
+                        if (count[edges[e].second]) queue.push_back(edges[e].second);
                     }
-                    LongTables::Kids& k = t->kids[d2.kids];
-                    const unsigned b = e.first & 0xFF;
-                    k.bits[b >> 6] |= uint64_t(1) << (b & 63);
-                    for (unsigned w = (b >> 6) + 1; w < 4; ++w) ++k.before[w];
-                    t->child3.push_back(e.second);
+                    kids_of[node] = uint32_t(t->kids.size());
+                    t->kids.push_back(k);
                 }
+                for (auto& c : t->child) c.kids = kids_of[c.node];
+                for (auto& d2 : t->depth2)
+                    if (d2.node != kNone) d2.kids = kids_of[d2.node];
             }
             for (size_t id = 0; id < nv; ++id) {
                 if (!usable[id] || t->tok[id].length < 2) continue;
