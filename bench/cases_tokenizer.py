@@ -199,9 +199,14 @@ def cases(ctx: Context) -> list[Case]:
 
     rng = random.Random(0)
     n_word = 200_000 if ctx.quick else 1_000_000
-    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n_word))
     op = "tokenizer.encode_single_piece"
-    wshape = f"{n_word / MB:g} MB single word"
-    add(op, "tiktoken", lambda: enc.encode_ordinary(word), n_word, shape_=wshape, baseline=True, note="random a-z")
-    add(op, "fast", lambda: fast.encode_ordinary(word), n_word, shape_=wshape, note="random a-z")
+    # One piece of the pattern each: a run of letters, and a run of digits (GPT-2's number tokens
+    # overlap in many ways, so the walk backs up more often than in a word).
+    for kind, alphabet, note in (("word", "abcdefghijklmnopqrstuvwxyz", "random a-z"),
+                                 ("number", "0123456789", "random 0-9")):
+        piece = "".join(rng.choice(alphabet) for _ in range(n_word))
+        wshape = f"{n_word / MB:g} MB single {kind}"
+        add(op, "tiktoken", lambda piece=piece: enc.encode_ordinary(piece), n_word, shape_=wshape, baseline=True,
+            note=note)
+        add(op, "fast", lambda piece=piece: fast.encode_ordinary(piece), n_word, shape_=wshape, note=note)
     return out
