@@ -106,21 +106,31 @@ std::vector<bool> allowed_mask(const py::object& allowed) {
     return out;
 }
 
-// A Python int -> token id, with the errors Python's own conversions give.
-inline Rank id_of(PyObject* o) {
-    unsigned long v;
+// An exact int small enough to be read without calling Python (all ids below 2**30 are), or
+// kNotPlain for anything else. Calls no Python code, so a list being read cannot change meanwhile.
+constexpr uint64_t kNotPlain = ~uint64_t(0);
+inline uint64_t plain_id(PyObject* o) {
 #if PY_VERSION_HEX >= 0x030C0000
     if (PyLong_CheckExact(o) && PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) {
-        Py_ssize_t c = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
-        if (c >= 0) return Rank(c);
+        const Py_ssize_t c = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
+        if (c >= 0) return uint64_t(c);
     }
 #elif !defined(PYPY_VERSION)
     if (PyLong_CheckExact(o)) {  // one 30-bit digit: read it directly
-        Py_ssize_t size = Py_SIZE(o);
-        if (size == 1) return Rank(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
+        const Py_ssize_t size = Py_SIZE(o);
+        if (size == 1) return reinterpret_cast<PyLongObject*>(o)->ob_digit[0];
         if (size == 0) return 0;
     }
 #endif
+    return kNotPlain;
+}
+
+// Any object -> token id, with the errors Python's own conversions give (OverflowError for
+// negative ids and ids of 2**32 or more). May call the object's __index__.
+inline Rank checked_id_of(PyObject* o) {
+    const uint64_t plain = plain_id(o);
+    if (plain <= 0xFFFFFFFFull) return Rank(plain);
+    unsigned long v;
     if (PyLong_CheckExact(o)) {
         v = PyLong_AsUnsignedLong(o);
     } else {
@@ -130,7 +140,10 @@ inline Rank id_of(PyObject* o) {
         Py_DECREF(idx);
     }
     if (v == (unsigned long)-1 && PyErr_Occurred()) throw py::error_already_set();
-    if (v > 0xFFFFFFFFul) throw py::value_error("");  // replaced below
+    if (v > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
+        throw py::error_already_set();
+    }
     return Rank(v);
 }
 
@@ -139,16 +152,6 @@ inline Rank id_of(PyObject* o) {
 inline uint64_t own_index(PyObject* o, uintptr_t base) {
     const uint64_t d = uint64_t(reinterpret_cast<uintptr_t>(o) - base);
     return (d >> 5) | (d << 59);
-}
-
-// id_of with Python's error for ids of 2**32 and more.
-inline Rank checked_id_of(PyObject* o) {
-    try {
-        return id_of(o);
-    } catch (py::value_error&) {
-        PyErr_SetString(PyExc_OverflowError, "token id does not fit in 32 bits");
-        throw py::error_already_set();
-    }
 }
 
 // A sequence of ids, held as a list or tuple (PySequence_Fast) for the duration.
@@ -323,7 +326,11 @@ class PyEncoder {
     }
 
     // Lists are built on this thread, holding the GIL, while the worker threads go on encoding.
-    py::list encode_batch(const py::list& texts, const py::object& allowed, int num_threads) const {
+    py::list encode_batch(const py::list& list, const py::object& allowed, int num_threads) const {
+        // A tuple of the texts keeps each one alive while the GIL is released, whatever other
+        // threads do to the list meanwhile.
+        const py::tuple texts = py::reinterpret_steal<py::tuple>(PySequence_Tuple(list.ptr()));
+        if (!texts) throw py::error_already_set();
         std::vector<std::string_view> views;
         views.reserve(texts.size());
         for (auto t : texts) views.push_back(utf8_of(t.ptr()));
@@ -368,22 +375,36 @@ class PyEncoder {
         const size_t n = seq.size();
         PyObject* const* items = seq.items();
         OutBytes out(n * 3);
+        size_t at = 0;
         try {
-            size_t at = 0;
-            // Our own ints are known from their address alone; any other object comes out as
-            // n_vocab or more and ends this loop ...
+            // Our own ints are known from their address alone, and small exact ints are read; these
+            // loops call no Python code. Anything else comes out as n_vocab or more and ends them.
             if (ints_->block_count())
                 at = out.append(*enc_, [items, base = ints_->base()](size_t i) { return own_index(items[i], base); }, n);
-            // ... and from there on each id is read from its object.
             if (at < n)
-                at += out.append(*enc_, [rest = items + at](size_t i) -> uint64_t { return checked_id_of(rest[i]); },
-                                 n - at);
-            if (at < n) throw gptfast::UnknownToken(checked_id_of(items[at]));
+                at += out.append(*enc_, [rest = items + at](size_t i) { return plain_id(rest[i]); }, n - at);
         } catch (const gptfast::UnknownToken&) {
-            for (size_t i = 0; i < n; ++i) checked_id_of(items[i]);  // raises the first conversion error
+            convert_from(seq.seq, at);  // raises the first conversion error, if any
             throw;
         }
+        if (at == n) return out.finish();
+        // The rest is converted whole first, as tiktoken does.
+        const std::vector<Rank> rest = convert_from(seq.seq, at);
+        const size_t got = out.append(*enc_, [ids = rest.data()](size_t i) { return uint64_t(ids[i]); }, rest.size());
+        if (got < rest.size()) throw gptfast::UnknownToken(rest[got]);
         return out.finish();
+    }
+
+    // The ids of seq[from:]; raises the first conversion error. Converting may call an object's
+    // __index__, which may change the list: like Python's own iteration (and tiktoken), this reads
+    // the list as it is at each step, holding a reference to the item being converted.
+    static std::vector<Rank> convert_from(PyObject* seq, size_t from) {
+        std::vector<Rank> ids;
+        for (Py_ssize_t i = Py_ssize_t(from); i < PySequence_Fast_GET_SIZE(seq); ++i) {
+            const py::object item = py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(seq, i));
+            ids.push_back(checked_id_of(item.ptr()));
+        }
+        return ids;
     }
 
     // A 1-D buffer of integers (numpy arrays, array.array, memoryview) of any width and stride, in

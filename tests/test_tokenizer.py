@@ -236,6 +236,28 @@ def test_decode_error_order_matches_tiktoken(enc, fast, ref):
                     tok.decode_bytes(view)
 
 
+def test_decode_survives_index_that_changes_the_list(enc, fast, ref):
+    # __index__ may run any Python code, even code that empties the list being decoded. The list is
+    # then read as Python's own iteration (and tiktoken) reads it, and nothing from freed memory.
+    ids = fast.encode_ordinary("a list that changes while it is decoded " * 200)
+    tail = enc.encode_ordinary(" and its tail")
+
+    def victim_list():
+        class Shrinker:
+            def __index__(self):
+                victim.clear()
+                victim.extend([31373] * (len(ids) + 3))  # "hello": read from the new list onwards
+                return 995  # " world"
+
+        victim = ids + [Shrinker()] + tail
+        return victim
+
+    want = enc.decode_bytes(victim_list())
+    assert want.endswith(b" world" + b"hello" * 2)
+    for tok in (fast, ref):
+        assert tok.decode_bytes(victim_list()) == want
+
+
 @pytest.mark.parametrize("dtype", ["uint32", "int64", "uint16", "int32", "uint64", ">u4", "<i8"])
 def test_decode_arrays_match_tiktoken(enc, fast, ref, dtype):
     np = pytest.importorskip("numpy")
