@@ -27,34 +27,32 @@ namespace py = pybind11;
 using gptfast::Encoder;
 using gptfast::Rank;
 
-#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000 && !defined(PYPY_VERSION) && \
-    !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_GIL_DISABLED) && PYLONG_BITS_IN_DIGIT == 30
+// How a one-digit int is laid out, where we can build our own: 1 for CPython 3.8-3.11 (ob_size is
+// the digit count), 2 for 3.12 on (lv_tag holds the digit count and the sign).
+#if !defined(PYPY_VERSION) && !defined(Py_DEBUG) && !defined(Py_TRACE_REFS) && !defined(Py_GIL_DISABLED) && \
+    PYLONG_BITS_IN_DIGIT == 30
+#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030C0000
 #define GPTFAST_CONTIGUOUS_INTS 1
+#elif PY_VERSION_HEX >= 0x030C0000 && defined(_PyLong_NON_SIZE_BITS)
+#define GPTFAST_CONTIGUOUS_INTS 2
+#endif
 #endif
 
 namespace {
 
-// The ids 0..n-1 as Python ints. Where the int layout allows (CPython 3.8-3.11), they live in one
-// contiguous block, so decoding can turn a list item back into an id from its address alone,
-// without reading the int object. The block holds one reference to each int for as long as it
-// lives, and is freed only if no other reference is left (otherwise it is kept, never dangling).
+// The ids 0..n-1 as Python ints. Where the int layout allows (CPython 3.8 on, the usual builds),
+// they live in one contiguous block, so decoding can turn a list item back into an id from its
+// address alone, without reading the int object. Each int is checked through Python's own API
+// after it is built; on any surprise the block is dropped for ordinary ints. The block holds one
+// reference to each int for as long as it lives, and is freed only if no other reference is left
+// (otherwise it is kept, never dangling).
 class IntTable {
   public:
     explicit IntTable(size_t n) : n_(n) {
 #ifdef GPTFAST_CONTIGUOUS_INTS
         if constexpr (sizeof(PyLongObject) == 32) {
-            if (n < (size_t(1) << 30)) {
-                block_ = static_cast<char*>(std::calloc(n ? n : 1, 32));
-                if (block_) {
-                    for (size_t i = 0; i < n; ++i) {
-                        auto* o = reinterpret_cast<PyLongObject*>(block_ + 32 * i);
-                        PyObject_InitVar(reinterpret_cast<PyVarObject*>(o), &PyLong_Type, i == 0 ? 0 : 1);
-                        o->ob_digit[0] = digit(i);
-                        ptrs_.push_back(reinterpret_cast<PyObject*>(o));
-                    }
-                    return;
-                }
-            }
+            if (n < (size_t(1) << 30)) build_block();
+            if (block_) return;
         }
 #endif
         for (size_t i = 0; i < n; ++i) {
@@ -83,6 +81,36 @@ class IntTable {
     uint64_t block_count() const { return block_ ? n_ : 0; }
 
   private:
+#ifdef GPTFAST_CONTIGUOUS_INTS
+    void build_block() {
+        block_ = static_cast<char*>(std::calloc(n_ ? n_ : 1, 32));
+        if (!block_) return;
+        for (size_t i = 0; i < n_; ++i) {
+            auto* o = reinterpret_cast<PyLongObject*>(block_ + 32 * i);
+#if GPTFAST_CONTIGUOUS_INTS == 1
+            PyObject_InitVar(reinterpret_cast<PyVarObject*>(o), &PyLong_Type, i == 0 ? 0 : 1);
+            o->ob_digit[0] = digit(i);
+#else
+            PyObject_Init(reinterpret_cast<PyObject*>(o), &PyLong_Type);
+            // Zero (sign 1, no digits), or one digit with sign 0 (positive).
+            o->long_value.lv_tag = i == 0 ? 1 : uintptr_t(1) << _PyLong_NON_SIZE_BITS;
+            o->long_value.ob_digit[0] = digit(i);
+#endif
+            ptrs_.push_back(reinterpret_cast<PyObject*>(o));
+        }
+        for (size_t i = 0; i < n_; ++i) {
+            const Py_ssize_t v = PyLong_AsSsize_t(ptrs_[i]);
+            if (v != Py_ssize_t(i) || Py_REFCNT(ptrs_[i]) != 1) {
+                PyErr_Clear();
+                ptrs_.clear();
+                std::free(block_);  // nothing else has seen these ints yet
+                block_ = nullptr;
+                return;
+            }
+        }
+    }
+#endif
+
     size_t n_;
     char* block_ = nullptr;
     std::vector<PyObject*> ptrs_;
