@@ -383,10 +383,10 @@ def run(device: str | None = None, quick: bool = False, only: str | None = None,
             times = time_cpu_interleaved([c.fn for c in group], max(c.min_time_s for c in group))
             results += [measure(c, info, ms) for c, ms in zip(group, times)]
         else:
-            case = cases[i]
+            case = group[0]
             print(f"  timing {case.op} {case.shape} {case.dtype} [{case.impl}]", file=sys.stderr, flush=True)
             results.append(measure(case, info))
-        i += max(len(group), 1)
+        i += len(group)
     _add_ratios(results, cases)
     print(format_table(results, info), file=stream)
     for reason in ctx.skipped:

@@ -41,10 +41,9 @@ inline unsigned popcount(uint64_t x) {
 #endif
 }
 
-// Open-addressing map from integer keys (never all ones) to 32-bit values, for keys built from
-// token ids and trie nodes. Key and value share a slot, so a lookup touches one cache line.
-template <class Key>
-class IdMap {
+// Open-addressing map from 32-bit keys (never all ones) to 32-bit values: the trie's edges
+// (node << 8 | byte) while the trie is built.
+class EdgeMap {
   public:
     void reserve(size_t n) {  // load factor at most 5/8
         size_t cap = 16;
@@ -52,12 +51,12 @@ class IdMap {
         slots_.assign(cap, Slot{kEmpty, kNone});
         mask_ = cap - 1;
     }
-    void put(Key k, uint32_t v) {
+    void put(uint32_t k, uint32_t v) {
         size_t i = slot(k);
         while (slots_[i].key != kEmpty && slots_[i].key != k) i = (i + 1) & mask_;
         slots_[i] = Slot{k, v};
     }
-    uint32_t get(Key k) const {
+    uint32_t get(uint32_t k) const {
         for (size_t i = slot(k);; i = (i + 1) & mask_) {
             const Slot& s = slots_[i];
             if (s.key == k) return s.val;
@@ -66,16 +65,11 @@ class IdMap {
     }
 
   private:
-    static constexpr Key kEmpty = Key(~Key(0));
+    static constexpr uint32_t kEmpty = ~uint32_t(0);
     struct Slot {
-        Key key;
-        uint32_t val;
+        uint32_t key, val;
     };
-    size_t slot(Key k) const {
-        uint64_t h = uint64_t(k);
-        h ^= h >> 31;
-        return size_t((h * 0x9E3779B97F4A7C15ull) >> 29) & mask_;
-    }
+    size_t slot(uint32_t k) const { return size_t((uint64_t(k) * 0x9E3779B97F4A7C15ull) >> 29) & mask_; }
     std::vector<Slot> slots_;
     size_t mask_ = 0;
 };
@@ -114,8 +108,8 @@ class PairMap {
     size_t mask_ = 0;
 };
 
-// A one-hash filter in front of an IdMap: small enough to stay in cache, it answers most
-// lookups of absent keys without touching the map.
+// A one-hash filter in front of the PairMap: small enough to stay in cache, it answers most
+// lookups of absent pairs without touching the map.
 class KeyFilter {
   public:
     void reserve(size_t n, size_t bits_per_key) {
@@ -237,7 +231,7 @@ Encoder::LongSlot::LongSlot() = default;
 Encoder::LongSlot::~LongSlot() = default;
 
 bool Encoder::split_of(Rank id, Rank* left, Rank* right) const {
-    if (id >= n_vocab_ || dec_[id].len == 0xFFFFFFFFu || dec_[id].len < 2) return false;
+    if (id >= n_vocab_ || dec_[id].len == kNoToken || dec_[id].len < 2) return false;
     const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
     const size_t n = dec_[id].len;
     for (const auto& sp : specials_)
@@ -275,7 +269,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
         bool proper = nv < PairMap::kMaxId;
         size_t count = 0;
         for (size_t id = 0; id < nv; ++id) {
-            if (dec_[id].len == 0xFFFFFFFFu || special[id]) continue;
+            if (dec_[id].len == kNoToken || special[id]) continue;
             t->tok[id].length = dec_[id].len;
             if (dec_[id].len == 1) {
                 t->tok[id].right = uint8_t(dec_arena_[dec_[id].off]);
@@ -322,7 +316,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
                              [&](uint32_t x, uint32_t y) { return t->tok[x].length < t->tok[y].length; });
             size_t deep = 0;  // an upper bound on the edges below depth 2
             for (const uint32_t id : order) deep += t->tok[id].length - 2;
-            IdMap<uint32_t> building;
+            EdgeMap building;
             building.reserve(deep);
             std::vector<std::pair<uint32_t, uint32_t>> edges;  // (node << 8 | byte, node), below depth 2
             uint32_t next_inner = uint32_t(nv);

@@ -471,15 +471,7 @@ class PyEncoder {
             };
             auto convertible = [](T v) { return !(std::is_signed<T>::value && v < T(0)) && uint64_t(v) <= 0xFFFFFFFFull; };
             try {
-                size_t at;
-                if (stride == Py_ssize_t(sizeof(T)))
-                    at = out.append(*enc_, [base](size_t i) {
-                        T v;
-                        std::memcpy(&v, base + i * sizeof(T), sizeof v);
-                        return uint64_t(v);
-                    }, n);
-                else
-                    at = out.append(*enc_, [value_at](size_t i) { return uint64_t(value_at(i)); }, n);
+                const size_t at = out.append(*enc_, [value_at](size_t i) { return uint64_t(value_at(i)); }, n);
                 if (at < n) throw gptfast::UnknownToken(uint64_t(value_at(at)));
             } catch (const gptfast::UnknownToken&) {
                 for (size_t i = 0; i < n; ++i)

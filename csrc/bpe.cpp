@@ -3,10 +3,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <queue>
 #include <thread>
 #include <unordered_map>
