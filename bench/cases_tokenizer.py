@@ -141,7 +141,7 @@ def cases(ctx: Context) -> list[Case]:
     except ImportError:
         ctx.skip("tokenizer: tiktoken is not installed (the baseline)")
         return []
-    from gptfast.tokenizer import Tokenizer
+    from gptfast.tokenizer import Tokenizer, long_piece_threads, set_long_piece_threads
 
     try:
         fast = Tokenizer.gpt2(impl="fast")
@@ -173,9 +173,19 @@ def cases(ctx: Context) -> list[Case]:
         out.append(Case(op=op, shape=shape_, impl=impl, fn=fn, unit=unit, work=work, baseline=baseline, note=note,
                         min_time_s=1.0, interleave=True))
 
+    def one_thread(fn):  # also for any piece long enough to be cut across threads
+        def run():
+            threads = long_piece_threads()
+            set_long_piece_threads(1)
+            try:
+                return fn()
+            finally:
+                set_long_piece_threads(threads)
+        return run
+
     op = "tokenizer.encode_ordinary"
     add(op, "tiktoken", lambda: enc.encode_ordinary(text), nbytes, baseline=True, note="1 thread, list of ints")
-    add(op, "fast", lambda: fast.encode_ordinary(text), nbytes, note="1 thread, list of ints")
+    add(op, "fast", one_thread(lambda: fast.encode_ordinary(text)), nbytes, note="1 thread, list of ints")
 
     op = "tokenizer.encode_ordinary_batch"
     add(op, "tiktoken", lambda: enc.encode_ordinary_batch(docs, num_threads=2), nbytes, baseline=True, note="2 threads")
@@ -200,6 +210,9 @@ def cases(ctx: Context) -> list[Case]:
     rng = random.Random(0)
     n_word = 200_000 if ctx.quick else 1_000_000
     op = "tokenizer.encode_single_piece"
+    from gptfast import _bpe
+
+    core_segment = _bpe._long_piece_segment()
     # One piece of the pattern each: a run of letters, and a run of digits (GPT-2's number tokens
     # overlap in many ways, so the walk backs up more often than in a word).
     for kind, alphabet, note in (("word", "abcdefghijklmnopqrstuvwxyz", "random a-z"),
@@ -208,5 +221,8 @@ def cases(ctx: Context) -> list[Case]:
         wshape = f"{n_word / MB:g} MB single {kind}"
         add(op, "tiktoken", lambda piece=piece: enc.encode_ordinary(piece), n_word, shape_=wshape, baseline=True,
             note=note)
-        add(op, "fast", lambda piece=piece: fast.encode_ordinary(piece), n_word, shape_=wshape, note=note)
+        add(op, "fast", lambda piece=piece: fast.encode_ordinary(piece), n_word, shape_=wshape,
+            note=f"{note}, cut across {min(long_piece_threads(), max(1, n_word // core_segment))} threads")
+        add(op, "fast[1 thread]", one_thread(lambda piece=piece: fast.encode_ordinary(piece)), n_word, shape_=wshape,
+            note=note)
     return out

@@ -21,7 +21,11 @@
 // from which nothing fits is marked dead once and never tried again: the walk is near-linear.
 // Vocabularies that are not proper (checked when the tables are built) use bpe_heap instead.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <system_error>
+#include <thread>
 
 #include "bpe.h"
 
@@ -207,6 +211,25 @@ struct Encoder::LongTables {
         }
     }
 
+    // A valid sequence of tokens known for the bytes from `begin` on, and a cursor over it.
+    struct Tail {
+        const LongTables& t;
+        const Rank* tokens;
+        size_t count, begin;
+        size_t i = 0, at;  // tokens[i] starts at byte `at`
+        Tail(const LongTables& tables, const Rank* ids, size_t n, size_t from)
+            : t(tables), tokens(ids), count(n), begin(from), at(from) {}
+        // The index of the token starting at `pos` (count at the end), or kNone. The walk moves
+        // forward, with short steps back, so the cursor does too.
+        size_t token_at(size_t pos) {
+            while (at < pos && i < count) at += t.tok[tokens[i++]].length;
+            while (at > pos && i > 0) at -= t.tok[tokens[--i]].length;
+            return at == pos ? i : kNone;
+        }
+    };
+    enum class Walk { kDone, kJoined, kStuck };
+    Walk walk(const uint8_t* p, size_t n, uint32_t prev, std::vector<Rank>& out, Tail* tail, size_t* joined) const;
+
     // The longest usable token that p[0, n) starts with (a single byte always is one).
     uint32_t longest(const uint8_t* p, size_t n) const {
         uint32_t best = root_child[p[0]];
@@ -385,37 +408,135 @@ const Encoder::LongTables* Encoder::long_tables() const {
 
 const char* Encoder::long_piece_method() const { return long_tables()->proper ? "backtrack" : "merge"; }
 
-bool Encoder::bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
-    const LongTables& t = *long_tables();
-    if (!t.proper) return false;
+namespace {
+std::atomic<unsigned> g_piece_threads{1};
+std::atomic<size_t> g_min_segment{size_t(1) << 16};
+}  // namespace
+
+thread_local bool t_batch_worker = false;
+
+void Encoder::set_long_piece_threads(unsigned threads) { g_piece_threads = std::max(1u, threads); }
+unsigned Encoder::long_piece_threads() { return g_piece_threads; }
+void Encoder::set_long_piece_segment(size_t min_bytes) { g_min_segment = std::max<size_t>(1, min_bytes); }
+size_t Encoder::long_piece_segment() { return g_min_segment; }
+
+// The walk: appends to `out` the tokens of p[0, n), the first of which must pair validly with
+// `prev` (kNone: nothing before). Returns kStuck, leaving `out` as it was, when no such sequence
+// exists (only possible with a `prev`).
+//
+// With a `tail`, a valid sequence already known for p[tail->begin, n), it stops as soon as a token
+// it places ends where a tail token starts and the two pair validly: what it placed, followed by
+// the rest of the tail, is then a sequence of valid pairs, so by fact 3 it is the result, and
+// `*joined` says which tail token comes next. This is how segments encoded apart are joined.
+Encoder::LongTables::Walk Encoder::LongTables::walk(const uint8_t* p, size_t n, uint32_t prev, std::vector<Rank>& out,
+                                                    Tail* tail, size_t* joined) const {
     thread_local std::vector<uint64_t> dead;  // positions from which no valid sequence continues
     dead.assign(n / 64 + 1, 0);
     auto is_dead = [&](size_t i) { return (dead[i >> 6] >> (i & 63)) & 1; };
-    const size_t first = out.size();
+    const size_t base = out.size();
     size_t pos = 0;
-    uint32_t cand = t.longest(p, n);
+    uint32_t cand = longest(p, n);
     while (pos < n) {
-        const uint32_t prev = out.size() > first ? out.back() : kNone;
+        const uint32_t last = out.size() > base ? out.back() : prev;
         while (cand != kNone) {
-            const size_t end = pos + t.tok[cand].length;
-            if (!is_dead(end) && (prev == kNone || t.valid(prev, cand))) break;
-            cand = t.tok[cand].shorter;
+            const size_t end = pos + tok[cand].length;
+            if (!is_dead(end) && (last == kNone || valid(last, cand))) break;
+            cand = tok[cand].shorter;
         }
         if (cand != kNone) {
             out.push_back(cand);
-            pos += t.tok[cand].length;
-            if (pos < n) cand = t.longest(p + pos, n - pos);
+            pos += tok[cand].length;
+            if (tail && pos >= tail->begin) {
+                const size_t i = tail->token_at(pos);
+                if (i != kNone && (i == tail->count || valid(cand, tail->tokens[i]))) {
+                    *joined = i;
+                    return Walk::kJoined;
+                }
+            }
+            if (pos < n) cand = longest(p + pos, n - pos);
             continue;
         }
         // Nothing fits here: mark the position and take the previous token back.
         dead[pos >> 6] |= uint64_t(1) << (pos & 63);
-        if (out.size() == first) {  // cannot happen for a proper vocabulary; be safe regardless
-            bpe_heap(p, n, out);
-            return true;
-        }
-        cand = t.tok[out.back()].shorter;
-        pos -= t.tok[out.back()].length;
+        if (out.size() == base) return Walk::kStuck;
+        cand = tok[out.back()].shorter;
+        pos -= tok[out.back()].length;
         out.pop_back();
+    }
+    return Walk::kDone;
+}
+
+// One walk for most pieces. A long piece, where threads are allowed, is cut into segments that
+// are walked at the same time, each as if it were a piece of its own; then, left to right, the
+// last few tokens before each cut are walked again, joining onto the next segment's tokens (see
+// `walk`). If the walk again from a point cannot continue, that point is no token boundary of the
+// result, and it starts further back. Joins are exact, and usually settle within a few tokens.
+bool Encoder::bpe_backtrack(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    const LongTables& t = *long_tables();
+    if (!t.proper) return false;
+    const size_t first = out.size();
+    const size_t min_segment = g_min_segment;
+    const size_t segments = t_batch_worker ? 1 : std::min<size_t>(g_piece_threads, n / min_segment);
+    if (segments <= 1) {
+        // Stuck without a token before it: not possible for a proper vocabulary; safe regardless.
+        if (t.walk(p, n, kNone, out, nullptr, nullptr) == LongTables::Walk::kStuck) bpe_heap(p, n, out);
+        return true;
+    }
+    std::vector<size_t> cut(segments + 1);
+    for (size_t k = 0; k <= segments; ++k) cut[k] = n / segments * k;
+    cut[segments] = n;
+    std::vector<std::vector<Rank>> part(segments);
+    std::vector<std::exception_ptr> error(segments);
+    auto encode_segment = [&](size_t k) {
+        try {
+            std::vector<Rank>& dst = k == 0 ? out : part[k];
+            if (t.walk(p + cut[k], cut[k + 1] - cut[k], kNone, dst, nullptr, nullptr) == LongTables::Walk::kStuck)
+                bpe_heap(p + cut[k], cut[k + 1] - cut[k], dst);
+        } catch (...) {
+            error[k] = std::current_exception();
+        }
+    };
+    {
+        std::vector<std::thread> threads;
+        std::vector<size_t> here{0};  // segments this thread encodes (all, if no thread can start)
+        for (size_t k = 1; k < segments; ++k) {
+            try {
+                threads.emplace_back(encode_segment, k);
+            } catch (const std::system_error&) {
+                here.push_back(k);
+            }
+        }
+        for (const size_t k : here) encode_segment(k);
+        for (auto& th : threads) th.join();
+    }
+    for (const auto& e : error)
+        if (e) std::rethrow_exception(e);
+    std::vector<Rank> again;
+    for (size_t k = 1; k < segments; ++k) {
+        // out[first, end) is the result for p[0, cut[k]); part[k] that for p[cut[k], cut[k + 1]).
+        const std::vector<Rank>& next = part[k];
+        const size_t have = out.size() - first;
+        for (size_t back = 8;; back *= 2) {
+            const size_t drop = std::min(back, have);
+            size_t from = cut[k];
+            for (size_t i = out.size() - drop; i < out.size(); ++i) from -= t.tok[out[i]].length;
+            const uint32_t prev = drop < have ? out[out.size() - drop - 1] : kNone;
+            LongTables::Tail tail(t, next.data(), next.size(), cut[k] - from);
+            again.clear();
+            size_t joined = next.size();
+            const auto how = t.walk(p + from, cut[k + 1] - from, prev, again, &tail, &joined);
+            if (how == LongTables::Walk::kStuck) {
+                if (drop < have) continue;  // `from` is no boundary: start further back
+                // Stuck at the start of the piece: not possible for a proper vocabulary.
+                out.resize(first);
+                bpe_heap(p, cut[k + 1], out);
+                break;
+            }
+            out.resize(out.size() - drop);
+            out.insert(out.end(), again.begin(), again.end());
+            if (how == LongTables::Walk::kJoined) out.insert(out.end(), next.begin() + long(joined), next.end());
+            break;
+        }
     }
     return true;
 }

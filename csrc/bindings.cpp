@@ -609,6 +609,12 @@ PYBIND11_MODULE(_bpe, m) {
         .def_property_readonly("n_ranks", &PyEncoder::n_ranks)
         .def_property_readonly("specials", &PyEncoder::specials);
 
+    m.def("set_long_piece_threads", &Encoder::set_long_piece_threads, py::arg("threads"),
+          "How many threads one long piece may be encoded on (1: only the calling thread).");
+    m.def("long_piece_threads", &Encoder::long_piece_threads);
+    m.def("_set_long_piece_segment", &Encoder::set_long_piece_segment, py::arg("min_bytes"),
+          "The least bytes a thread is given of one long piece (small values are for tests).");
+    m.def("_long_piece_segment", &Encoder::long_piece_segment);
     m.def("split_gpt2", &split_gpt2, "The pieces of a str under the GPT-2 pattern, as UTF-8 bytes.");
     m.def("train", &train, py::arg("texts"), py::arg("specials"), py::arg("num_merges"), py::arg("num_threads"),
           py::arg("progress"));

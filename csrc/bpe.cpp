@@ -670,6 +670,7 @@ void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, cons
     std::atomic<size_t> next{0};
     std::atomic<bool> stop{false};
     auto work = [&]() {
+        t_batch_worker = true;
         for (;;) {
             const size_t i = next.fetch_add(1);
             if (i >= n || stop.load(std::memory_order_relaxed)) return;

@@ -137,6 +137,13 @@ class Encoder {
     size_t n_vocab() const { return n_vocab_; }             // max id + 1
     size_t n_ranks() const { return table_.size(); }        // ordinary tokens
     const std::vector<std::pair<std::string, Rank>>& specials() const { return specials_; }
+    // A piece of at least twice `long_piece_segment()` bytes is cut into segments encoded on up
+    // to `long_piece_threads()` threads at once (1: never), then joined exactly (backtrack.cpp).
+    // Process-wide settings; a thread encoding for encode_batch_each never cuts.
+    static void set_long_piece_threads(unsigned threads);
+    static unsigned long_piece_threads();
+    static void set_long_piece_segment(size_t min_bytes);
+    static size_t long_piece_segment();
     // How pieces longer than 128 bytes are encoded: "backtrack" or "merge" (see backtrack.cpp).
     const char* long_piece_method() const;
 
@@ -252,6 +259,10 @@ GPTFAST_NOINLINE size_t Encoder::decode_ids(const IdAt& id_at, size_t n, char* d
 }
 
 // Counts of distinct pieces of a corpus (the input of the trainer).
+// Set on threads that encode_batch_each runs: they are already one per core, so pieces are never
+// cut across more threads from there.
+extern thread_local bool t_batch_worker;
+
 struct PieceCounts {
     std::vector<std::string> pieces;
     std::vector<uint64_t> counts;

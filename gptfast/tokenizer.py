@@ -26,7 +26,7 @@ from typing import AbstractSet, Callable, Collection, Iterable, Literal, Sequenc
 
 from . import bpe_reference as _ref
 
-__all__ = ["Tokenizer", "REQUIRE_EXT_ENV"]
+__all__ = ["Tokenizer", "REQUIRE_EXT_ENV", "set_long_piece_threads", "long_piece_threads"]
 
 #: Set this environment variable to 1 to make a missing C++ extension an error for ``impl="auto"``.
 REQUIRE_EXT_ENV = "GPTFAST_REQUIRE_EXT"
@@ -52,7 +52,53 @@ def _load_extension():
         from . import _bpe
     except ImportError as e:
         return None, e
+    global _threads_set
+    if not _threads_set:
+        _threads_set = True
+        _bpe.set_long_piece_threads(_usable_cpus())
     return _bpe, None
+
+
+_threads_set = False
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_long_piece_threads(threads: int | None = None) -> None:
+    """Set how many threads one very long piece of text may be encoded on.
+
+    A piece is what the GPT-2 pattern cuts text into: a word, a number, a run of spaces or of
+    punctuation. Ordinary pieces are a few bytes, but a run of letters or digits can be
+    megabytes long; such a piece (from 128 KB) is cut into segments that are encoded at the same
+    time and joined exactly, so the ids are the same whatever the setting. ``None`` (the default)
+    uses the CPUs this process may run on; ``1`` keeps all work on the calling thread. Applies to
+    the whole process, and only to the C++ core. ``encode_batch`` and its relatives already use
+    one thread per text, so their pieces are never cut further.
+
+    >>> set_long_piece_threads(1); long_piece_threads()
+    1
+    >>> set_long_piece_threads()
+    """
+    if threads is None:
+        threads = _usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
+    ext, err = _load_extension()
+    if ext is None:
+        return  # the pure-Python reference encodes on the calling thread
+    ext.set_long_piece_threads(min(threads, 1024))
+
+
+def long_piece_threads() -> int:
+    """How many threads one very long piece may be encoded on (see :func:`set_long_piece_threads`)."""
+    ext, _ = _load_extension()
+    return ext.long_piece_threads() if ext is not None else 1
 
 
 def _resolve_impl(impl: str):

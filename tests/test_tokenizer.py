@@ -425,6 +425,72 @@ def test_long_pieces_on_many_threads(enc, gpt2_files):
     assert fresh.encode_ordinary_batch(texts, num_threads=8) == enc.encode_ordinary_batch(texts)
 
 
+@pytest.fixture
+def cut_small():
+    """Cut long pieces into segments of `min_bytes` on `threads` threads; restored afterwards."""
+    from gptfast import _bpe
+    from gptfast.tokenizer import long_piece_threads, set_long_piece_threads
+
+    saved = (long_piece_threads(), _bpe._long_piece_segment())
+
+    def cut(threads, min_bytes):
+        set_long_piece_threads(threads)
+        _bpe._set_long_piece_segment(min_bytes)
+
+    yield cut
+    set_long_piece_threads(saved[0])
+    _bpe._set_long_piece_segment(saved[1])
+
+
+@pytest.mark.parametrize("alphabet", ["0123456789", "abcdefghijklmnopqrstuvwxyz", "ab", "a", "0", "01", " ",
+                                      "!-=", "aaaaaaab", "中文字符", "😀🎉"])
+def test_long_pieces_cut_across_threads(enc, fast, cut_small, alphabet):
+    """A long piece cut into segments encoded apart (many cuts, on up to 8 threads) and joined
+    gives tiktoken's ids: the joins must find the true token boundaries near every cut."""
+    rng = random.Random(alphabet)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(300, 6000))) for _ in range(6)]
+    expected = [enc.encode_ordinary(t) for t in texts]
+    for threads, min_bytes in ((2, 100), (3, 37), (8, 16), (8, 250)):
+        cut_small(threads, min_bytes)
+        assert [fast.encode_ordinary(t) for t in texts] == expected, (threads, min_bytes)
+        # batch workers encode each piece on their own thread: the same ids
+        assert fast.encode_ordinary_batch(texts, num_threads=2) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet="0123456789abé ", min_size=200, max_size=3000).map(lambda s: s.replace(" ", "")),
+       st.integers(2, 8), st.integers(8, 400))
+def test_hypothesis_long_pieces_cut(text, threads, min_bytes):
+    enc, fast, _ = _shared()
+    from gptfast import _bpe
+    from gptfast.tokenizer import long_piece_threads, set_long_piece_threads
+
+    saved = (long_piece_threads(), _bpe._long_piece_segment())
+    try:
+        set_long_piece_threads(threads)
+        _bpe._set_long_piece_segment(min_bytes)
+        assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+    finally:
+        set_long_piece_threads(saved[0])
+        _bpe._set_long_piece_segment(saved[1])
+
+
+def test_long_piece_threads_setting():
+    from gptfast.tokenizer import long_piece_threads, set_long_piece_threads
+
+    before = long_piece_threads()
+    try:
+        set_long_piece_threads(3)
+        assert long_piece_threads() == 3
+        set_long_piece_threads(None)
+        assert long_piece_threads() >= 1
+        for bad in (0, -1, 2.5, "2", True):
+            with pytest.raises(ValueError, match="positive int"):
+                set_long_piece_threads(bad)
+    finally:
+        set_long_piece_threads(before)
+
+
 def _tiny_vocab(merges):
     """256 bytes (ranks 0-255), then `merges`: bytes -> rank."""
     ranks = {bytes([b]): b for b in range(256)}
