@@ -420,6 +420,43 @@ unsigned Encoder::long_piece_threads() { return g_piece_threads; }
 void Encoder::set_long_piece_segment(size_t min_bytes) { g_min_segment = std::max<size_t>(1, min_bytes); }
 size_t Encoder::long_piece_segment() { return g_min_segment; }
 
+namespace {
+// The answers of `valid` for the pairs of the first kSide distinct tokens a walk asks about, two
+// bits each. A long piece over a small alphabet (a run of digits) asks about the same pairs of
+// its few tokens again and again; with more distinct tokens than this, pairs repeat less and a
+// larger table would crowd the walk's own tables out of the cache, so the walk stops using it.
+struct PairMemo {
+    static constexpr uint32_t kSide = 1024;
+    static constexpr size_t kMinPiece = 4096;  // shorter pieces repeat too little to pay for it
+    std::vector<uint16_t> number;  // token -> 1 + its row here, or 0
+    std::vector<uint32_t> rows;    // the tokens with a row, in order
+    std::vector<uint8_t> state;    // pair (row a, row b): 0 not known, 1 invalid, 2 valid
+    bool on = false;
+    void start(size_t n_vocab, bool use) {
+        on = use;
+        if (!use && rows.empty()) return;
+        for (const uint32_t x : rows) {  // clear only what the last walk used
+            std::memset(&state[size_t(number[x] - 1) * kSide / 4], 0, kSide / 4);
+            number[x] = 0;
+        }
+        rows.clear();
+        if (number.size() != n_vocab) number.assign(n_vocab, 0);  // another vocabulary
+        state.resize(size_t(kSide) * kSide / 4);
+    }
+    uint32_t row(uint32_t x) {
+        if (number[x] == 0) {
+            if (rows.size() == kSide) {
+                on = false;
+                return 0;
+            }
+            rows.push_back(x);
+            number[x] = uint16_t(rows.size());
+        }
+        return number[x];
+    }
+};
+}  // namespace
+
 // The walk: appends to `out` the tokens of p[0, n), the first of which must pair validly with
 // `prev` (kNone: nothing before). Returns kStuck, leaving `out` as it was, when no such sequence
 // exists (only possible with a `prev`).
@@ -434,13 +471,27 @@ Encoder::LongTables::Walk Encoder::LongTables::walk(const uint8_t* p, size_t n, 
     dead.assign(n / 64 + 1, 0);
     auto is_dead = [&](size_t i) { return (dead[i >> 6] >> (i & 63)) & 1; };
     const size_t base = out.size();
+    thread_local PairMemo memo;
+    memo.start(n_vocab, n >= PairMemo::kMinPiece);
+    auto pair_ok = [&](uint32_t a, uint32_t b) {
+        if (!memo.on) return valid(a, b);
+        const uint32_t ra = memo.row(a), rb = memo.row(b);
+        if (!memo.on) return valid(a, b);
+        const size_t at = size_t(ra - 1) * PairMemo::kSide + (rb - 1);
+        uint8_t& cell = memo.state[at >> 2];
+        const unsigned shift = unsigned(at & 3) * 2, known = (cell >> shift) & 3;
+        if (known) return known == 2;
+        const bool v = valid(a, b);
+        cell = uint8_t(cell | (v ? 2 : 1) << shift);
+        return v;
+    };
     size_t pos = 0;
     uint32_t cand = longest(p, n);
     while (pos < n) {
         const uint32_t last = out.size() > base ? out.back() : prev;
         while (cand != kNone) {
             const size_t end = pos + tok[cand].length;
-            if (!is_dead(end) && (last == kNone || valid(last, cand))) break;
+            if (!is_dead(end) && (last == kNone || pair_ok(last, cand))) break;
             cand = tok[cand].shorter;
         }
         if (cand != kNone) {

@@ -491,6 +491,29 @@ def test_long_piece_threads_setting():
         set_long_piece_threads(before)
 
 
+@pytest.mark.parametrize("alphabet", ["0123456789", "0", "01", "ab", "aaaaaaab", "=-", "0123456789abcdef",
+                                      "abcdefghij", " \t", "中文字符"])
+def test_long_pieces_with_few_distinct_tokens(enc, fast, alphabet):
+    """Pieces of 4 KB and more over a small alphabet: the walk keeps the answers of its pair checks
+    (the same few tokens meet again and again); they must stay right, piece after piece."""
+    rng = random.Random(alphabet)
+    for size in (4096, 9000, 40_000):
+        text = "".join(rng.choice(alphabet) for _ in range(size))
+        assert fast.encode_ordinary(text) == enc.encode_ordinary(text), size
+
+
+def test_long_pieces_alternating_vocabularies(enc, fast):
+    """One thread encoding long pieces with two vocabularies in turn gets each one's own ids."""
+    ranks = _tiny_vocab({b"ab": 256, b"abab": 257, b"ba": 258, b"aab": 259, b"bb": 260, b"abb": 261})
+    small_fast, small_ref = Tokenizer(ranks, impl="fast"), Tokenizer(ranks, impl="reference")
+    rng = random.Random(3)
+    for _ in range(3):
+        text = "".join(rng.choice("ab") for _ in range(6000))
+        assert small_fast.encode_ordinary(text) == small_ref.encode_ordinary(text)
+        digits = "".join(rng.choice("0123456789") for _ in range(6000))
+        assert fast.encode_ordinary(digits) == enc.encode_ordinary(digits)
+
+
 def _tiny_vocab(merges):
     """256 bytes (ranks 0-255), then `merges`: bytes -> rank."""
     ranks = {bytes([b]): b for b in range(256)}
