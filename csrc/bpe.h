@@ -258,11 +258,11 @@ GPTFAST_NOINLINE size_t Encoder::decode_ids(const IdAt& id_at, size_t n, char* d
     return size_t(d - dst);
 }
 
-// Counts of distinct pieces of a corpus (the input of the trainer).
 // Set on threads that encode_batch_each runs: they are already one per core, so pieces are never
 // cut across more threads from there.
 extern thread_local bool t_batch_worker;
 
+// Counts of distinct pieces of a corpus (the input of the trainer).
 struct PieceCounts {
     std::vector<std::string> pieces;
     std::vector<uint64_t> counts;
