@@ -47,6 +47,9 @@ _BUILD_HINT = (
 Impl = Literal["auto", "fast", "reference"]
 
 
+_threads_set = False  # the long-piece thread default is set once, when the extension first loads
+
+
 def _load_extension():
     try:
         from . import _bpe
@@ -57,9 +60,6 @@ def _load_extension():
         _threads_set = True
         _bpe.set_long_piece_threads(_usable_cpus())
     return _bpe, None
-
-
-_threads_set = False
 
 
 def _usable_cpus() -> int:

@@ -4,6 +4,7 @@ The exactness tests ask for ``impl="fast"`` by name, so they fail (not fall back
 extension is missing.
 """
 
+import contextlib
 import pickle
 import random
 
@@ -425,36 +426,35 @@ def test_long_pieces_on_many_threads(enc, gpt2_files):
     assert fresh.encode_ordinary_batch(texts, num_threads=8) == enc.encode_ordinary_batch(texts)
 
 
-@pytest.fixture
-def cut_small():
-    """Cut long pieces into segments of `min_bytes` on `threads` threads; restored afterwards."""
+@contextlib.contextmanager
+def _long_pieces_cut(threads, min_bytes):
+    """Cut long pieces into segments of at least `min_bytes` on up to `threads` threads; restored after."""
     from gptfast import _bpe
     from gptfast.tokenizer import long_piece_threads, set_long_piece_threads
 
     saved = (long_piece_threads(), _bpe._long_piece_segment())
-
-    def cut(threads, min_bytes):
-        set_long_piece_threads(threads)
-        _bpe._set_long_piece_segment(min_bytes)
-
-    yield cut
-    set_long_piece_threads(saved[0])
-    _bpe._set_long_piece_segment(saved[1])
+    set_long_piece_threads(threads)
+    _bpe._set_long_piece_segment(min_bytes)
+    try:
+        yield
+    finally:
+        set_long_piece_threads(saved[0])
+        _bpe._set_long_piece_segment(saved[1])
 
 
 @pytest.mark.parametrize("alphabet", ["0123456789", "abcdefghijklmnopqrstuvwxyz", "ab", "a", "0", "01", " ",
                                       "!-=", "aaaaaaab", "中文字符", "😀🎉"])
-def test_long_pieces_cut_across_threads(enc, fast, cut_small, alphabet):
+def test_long_pieces_cut_across_threads(enc, fast, alphabet):
     """A long piece cut into segments encoded apart (many cuts, on up to 8 threads) and joined
     gives tiktoken's ids: the joins must find the true token boundaries near every cut."""
     rng = random.Random(alphabet)
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(300, 6000))) for _ in range(6)]
     expected = [enc.encode_ordinary(t) for t in texts]
     for threads, min_bytes in ((2, 100), (3, 37), (8, 16), (8, 250)):
-        cut_small(threads, min_bytes)
-        assert [fast.encode_ordinary(t) for t in texts] == expected, (threads, min_bytes)
-        # batch workers encode each piece on their own thread: the same ids
-        assert fast.encode_ordinary_batch(texts, num_threads=2) == expected
+        with _long_pieces_cut(threads, min_bytes):
+            assert [fast.encode_ordinary(t) for t in texts] == expected, (threads, min_bytes)
+            # batch workers encode each piece on their own thread: the same ids
+            assert fast.encode_ordinary_batch(texts, num_threads=2) == expected
 
 
 @settings(max_examples=40, deadline=None)
@@ -462,17 +462,8 @@ def test_long_pieces_cut_across_threads(enc, fast, cut_small, alphabet):
        st.integers(2, 8), st.integers(8, 400))
 def test_hypothesis_long_pieces_cut(text, threads, min_bytes):
     enc, fast, _ = _shared()
-    from gptfast import _bpe
-    from gptfast.tokenizer import long_piece_threads, set_long_piece_threads
-
-    saved = (long_piece_threads(), _bpe._long_piece_segment())
-    try:
-        set_long_piece_threads(threads)
-        _bpe._set_long_piece_segment(min_bytes)
+    with _long_pieces_cut(threads, min_bytes):
         assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
-    finally:
-        set_long_piece_threads(saved[0])
-        _bpe._set_long_piece_segment(saved[1])
 
 
 def test_long_piece_threads_setting():
