@@ -77,7 +77,8 @@ def set_long_piece_threads(threads: int | None = None) -> None:
     punctuation. Ordinary pieces are a few bytes, but a run of letters or digits can be
     megabytes long; such a piece (from 128 KB) is cut into segments that are encoded at the same
     time and joined exactly, so the ids are the same whatever the setting. ``None`` (the default)
-    uses the CPUs this process may run on; ``1`` keeps all work on the calling thread. Applies to
+    uses the CPUs this process may run on; ``1`` keeps all work on the calling thread; more than
+    1024 counts as 1024 (a piece is never cut finer than 64 KB anyway). Applies to
     the whole process, and only to the C++ core. ``encode_batch`` and its relatives already use
     one thread per text, so their pieces are never cut further.
 

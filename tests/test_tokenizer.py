@@ -477,6 +477,8 @@ def test_long_piece_threads_setting():
         assert long_piece_threads() == 3
         set_long_piece_threads(None)
         assert long_piece_threads() >= 1
+        set_long_piece_threads(5000)  # documented: more than 1024 counts as 1024
+        assert long_piece_threads() == 1024
         for bad in (0, -1, 2.5, "2", True):
             with pytest.raises(ValueError, match="positive int"):
                 set_long_piece_threads(bad)
