@@ -685,7 +685,7 @@ void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, cons
             ready.notify_one();
         }
     };
-    const size_t nt = std::min(size_t(std::max(1, num_threads)), std::max<size_t>(n, 1));
+    const size_t nt = std::min(size_t(std::max(1, num_threads)), n);  // none for an empty batch
     std::vector<std::thread> threads;
     for (size_t t = 0; t < nt; ++t) threads.emplace_back(work);
     try {

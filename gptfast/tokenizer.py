@@ -90,7 +90,7 @@ def set_long_piece_threads(threads: int | None = None) -> None:
         threads = _usable_cpus()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int or None, not {threads!r}")
-    ext, err = _load_extension()
+    ext, _ = _load_extension()
     if ext is None:
         return  # the pure-Python reference encodes on the calling thread
     ext.set_long_piece_threads(min(threads, 1024))

@@ -175,6 +175,8 @@ def test_batches(enc, fast, ref):
         assert tok.decode_batch(ids) == enc.decode_batch(ids) == texts
         with pytest.raises(ValueError):
             tok.encode_batch(texts)
+        assert tok.encode_ordinary_batch([], num_threads=4) == enc.encode_ordinary_batch([]) == []
+        assert tok.encode_batch([], num_threads=4) == enc.encode_batch([]) == []
 
 
 def test_decode(enc, fast, ref):
