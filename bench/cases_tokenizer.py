@@ -19,6 +19,7 @@ import gettext
 import glob
 import gzip
 import hashlib
+import itertools
 import os
 import sysconfig
 import tempfile
@@ -213,16 +214,34 @@ def cases(ctx: Context) -> list[Case]:
     from gptfast import _bpe
 
     core_segment = _bpe._long_piece_segment()
+    cut = f"cut across {min(long_piece_threads(), max(1, n_word // core_segment))} threads"
+
+    def rotating(fn, pieces):  # each call takes the next piece: no call repeats the one before
+        turn = itertools.count()
+        return lambda: fn(pieces[next(turn) % len(pieces)])
+
+    # The [cold] row's tokenizer has a core of its own, so forgetting leaves the other rows' alone.
+    from gptfast.tokenizer import _gpt2_core
+
+    fresh = Tokenizer._make("gpt2", "gpt2", "fast", *_gpt2_core.__wrapped__("fast"))
+
+    def cold(piece):  # as a new tokenizer meets its first run of digits
+        fresh._core._forget_number_pairs()
+        return fresh.encode_ordinary(piece)
+
     # One piece of the pattern each: a run of letters, and a run of digits (GPT-2's number tokens
-    # overlap in many ways, so the walk backs up more often than in a word).
+    # overlap in many ways, so the walk backs up more often than in a word). Every call gets a new
+    # random piece. The walk keeps what it learns about pairs of number tokens (facts of the
+    # vocabulary, not of a piece) for the tokenizer's lifetime; the [cold] row forgets them first.
     for kind, alphabet, note in (("word", "abcdefghijklmnopqrstuvwxyz", "random a-z"),
                                  ("number", "0123456789", "random 0-9")):
-        piece = "".join(rng.choice(alphabet) for _ in range(n_word))
+        pieces = ["".join(rng.choices(alphabet, k=n_word)) for _ in range(4)]
         wshape = f"{n_word / MB:g} MB single {kind}"
-        add(op, "tiktoken", lambda piece=piece: enc.encode_ordinary(piece), n_word, shape_=wshape, baseline=True,
+        add(op, "tiktoken", rotating(enc.encode_ordinary, pieces), n_word, shape_=wshape, baseline=True, note=note)
+        add(op, "fast", rotating(fast.encode_ordinary, pieces), n_word, shape_=wshape, note=f"{note}, {cut}")
+        add(op, "fast[1 thread]", one_thread(rotating(fast.encode_ordinary, pieces)), n_word, shape_=wshape,
             note=note)
-        add(op, "fast", lambda piece=piece: fast.encode_ordinary(piece), n_word, shape_=wshape,
-            note=f"{note}, cut across {min(long_piece_threads(), max(1, n_word // core_segment))} threads")
-        add(op, "fast[1 thread]", one_thread(lambda piece=piece: fast.encode_ordinary(piece)), n_word, shape_=wshape,
-            note=note)
+        if kind == "number":
+            add(op, "fast[cold]", rotating(cold, pieces), n_word, shape_=wshape,
+                note=f"{note}, {cut}, with nothing known of number-token pairs")
     return out

@@ -146,9 +146,20 @@ struct Encoder::LongTables {
         uint32_t left, right;  // canonical split; for a single byte, left is kNone and right the byte
                                // (both kNone for unusable ids)
         uint32_t shorter;      // the longest usable token that is a proper prefix, or kNone
-        uint32_t length;       // bytes
+        uint16_t length;       // bytes
+        uint16_t number;       // 1 + its row in `number_pairs` for a token of ASCII digits only, or 0
     };
     std::vector<Tok> tok;
+    // The answers of `valid` for pairs of number tokens (ASCII digits only; the first 1023 by id),
+    // two bits a pair (0 not known, 1 invalid, 2 valid). A run of digits is the long piece the
+    // pattern makes most often, and over its ~1000 tokens it asks about hundreds of thousands of
+    // pairs, most of them new to a walk that starts from nothing. Whether a pair is valid depends
+    // only on the vocabulary, so the answers are filled in as walks ask, kept for the tables'
+    // lifetime and shared by every thread (relaxed atomics: two threads that race on a cell write
+    // the same answer). A token's row is in its Tok record, so a lookup costs one more load.
+    uint32_t number_rows = 0;
+    std::unique_ptr<std::atomic<uint8_t>[]> number_pairs;
+    size_t number_cells() const { return (size_t(number_rows) * number_rows + 3) / 4; }
     // (left, right) -> the token they are the canonical split of, behind a filter (most pairs
     // asked about are not there).
     PairMap pairs;
@@ -285,7 +296,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
     std::call_once(long_->once, [this] {
         auto t = std::make_unique<LongTables>();
         const size_t nv = n_vocab_;
-        t->tok.assign(nv, LongTables::Tok{kNone, kNone, kNone, 0});
+        t->tok.assign(nv, LongTables::Tok{kNone, kNone, kNone, 0, 0});
         std::vector<uint8_t> usable(nv, 0);
         std::vector<uint8_t> special(nv, 0);
         for (const auto& sp : specials_) special[sp.second] = 1;
@@ -293,7 +304,8 @@ const Encoder::LongTables* Encoder::long_tables() const {
         size_t count = 0;
         for (size_t id = 0; id < nv; ++id) {
             if (dec_[id].len == kNoToken || special[id]) continue;
-            t->tok[id].length = dec_[id].len;
+            if (dec_[id].len > 0xFFFF) proper = false;
+            t->tok[id].length = uint16_t(dec_[id].len);
             if (dec_[id].len == 1) {
                 t->tok[id].right = uint8_t(dec_arena_[dec_[id].off]);
                 usable[id] = 1;
@@ -311,6 +323,15 @@ const Encoder::LongTables* Encoder::long_tables() const {
             if (byte_rank_[byte] == kNoRank || usable[byte_rank_[byte]] == 0) proper = false;
         t->proper = proper;
         if (proper) {
+            for (size_t id = 0; id < nv && t->number_rows < 1023; ++id) {
+                if (!usable[id]) continue;
+                const char* q = dec_arena_.data() + dec_[id].off;
+                bool digits = true;
+                for (size_t i = 0; i < dec_[id].len; ++i) digits = digits && q[i] >= '0' && q[i] <= '9';
+                if (digits) t->tok[id].number = uint16_t(++t->number_rows);
+            }
+            t->number_pairs.reset(new std::atomic<uint8_t>[t->number_cells()]);
+            for (size_t i = 0; i < t->number_cells(); ++i) t->number_pairs[i].store(0, std::memory_order_relaxed);
             t->byte_pair.assign(65536, kNone);
             size_t of_bytes = 0;
             for (size_t id = 0; id < nv; ++id) {
@@ -408,6 +429,21 @@ const Encoder::LongTables* Encoder::long_tables() const {
 
 const char* Encoder::long_piece_method() const { return long_tables()->proper ? "backtrack" : "merge"; }
 
+size_t Encoder::number_pairs_known() const {
+    const LongTables& t = *long_tables();
+    size_t known = 0;
+    for (size_t i = 0; i < t.number_cells(); ++i) {
+        const unsigned c = t.number_pairs[i].load(std::memory_order_relaxed);
+        for (unsigned k = 0; k < 4; ++k) known += ((c >> (2 * k)) & 3) != 0;
+    }
+    return known;
+}
+
+void Encoder::forget_number_pairs() const {
+    const LongTables& t = *long_tables();
+    for (size_t i = 0; i < t.number_cells(); ++i) t.number_pairs[i].store(0, std::memory_order_relaxed);
+}
+
 namespace {
 std::atomic<unsigned> g_piece_threads{1};
 std::atomic<size_t> g_min_segment{size_t(1) << 16};
@@ -422,9 +458,10 @@ size_t Encoder::long_piece_segment() { return g_min_segment; }
 
 namespace {
 // The answers of `valid` for the pairs of the first kSide distinct tokens a walk asks about, two
-// bits each. A long piece over a small alphabet (a run of digits) asks about the same pairs of
-// its few tokens again and again; with more distinct tokens than this, pairs repeat less and a
-// larger table would crowd the walk's own tables out of the cache, so the walk stops using it.
+// bits each, for pairs that are not both number tokens (those have a table that lasts). A long
+// piece over a small alphabet asks about the same pairs of its few tokens again and again; with
+// more distinct tokens than this, pairs repeat less and a larger table would crowd the walk's own
+// tables out of the cache, so the walk stops using it.
 struct PairMemo {
     static constexpr uint32_t kSide = 1024;
     static constexpr size_t kMinPiece = 4096;  // shorter pieces repeat too little to pay for it
@@ -473,7 +510,19 @@ Encoder::LongTables::Walk Encoder::LongTables::walk(const uint8_t* p, size_t n, 
     const size_t base = out.size();
     thread_local PairMemo memo;
     memo.start(n_vocab, n >= PairMemo::kMinPiece);
+    const uint32_t rows = number_rows;
+    std::atomic<uint8_t>* const known_pairs = number_pairs.get();
     auto pair_ok = [&](uint32_t a, uint32_t b) {
+        const uint32_t na = tok[a].number, nb = tok[b].number;
+        if (na && nb) {
+            const size_t at = size_t(na - 1) * rows + (nb - 1);
+            const unsigned shift = unsigned(at & 3) * 2;
+            const unsigned known = (known_pairs[at >> 2].load(std::memory_order_relaxed) >> shift) & 3;
+            if (known) return known == 2;
+            const bool v = valid(a, b);
+            known_pairs[at >> 2].fetch_or(uint8_t((v ? 2 : 1) << shift), std::memory_order_relaxed);
+            return v;
+        }
         if (!memo.on) return valid(a, b);
         const uint32_t ra = memo.row(a), rb = memo.row(b);
         if (!memo.on) return valid(a, b);

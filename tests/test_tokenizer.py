@@ -499,6 +499,29 @@ def test_long_pieces_with_few_distinct_tokens(enc, fast, alphabet):
         assert fast.encode_ordinary(text) == enc.encode_ordinary(text), size
 
 
+def test_number_pair_answers_last_and_are_shared(enc, gpt2_files):
+    """What the walk learns about pairs of number tokens is kept for the tokenizer's lifetime and
+    shared by its threads. Cold, filled by four threads at once, warm, and forgotten: the same ids
+    as tiktoken every time."""
+    fresh = Tokenizer.from_tiktoken_file(gpt2_files / "gpt2.tiktoken", impl="fast")
+    core = fresh._core
+    number_tokens = sum(enc.decode_single_token_bytes(i).isdigit() for i in range(enc.n_vocab - 1))
+    rng = random.Random(11)
+    texts = ["".join(rng.choice("0123456789") for _ in range(rng.randrange(4096, 30_000))) for _ in range(8)]
+    texts += [" " + texts[0][:5000], "x" + texts[1][:5000] + "y"]  # a token that is no number next to the run
+    expected = [enc.encode_ordinary(t) for t in texts]
+    assert core._number_pairs_known() == 0
+    assert fresh.encode_ordinary_batch(texts, num_threads=4) == expected
+    known = core._number_pairs_known()
+    assert 0 < known <= number_tokens ** 2
+    with _long_pieces_cut(4, 500):  # segment threads reading and adding to the same answers
+        assert [fresh.encode_ordinary(t) for t in texts] == expected
+    assert core._number_pairs_known() >= known
+    core._forget_number_pairs()
+    assert core._number_pairs_known() == 0
+    assert [fresh.encode_ordinary(t) for t in reversed(texts)] == expected[::-1]
+
+
 def test_long_pieces_alternating_vocabularies(enc, fast):
     """One thread encoding long pieces with two vocabularies in turn gets each one's own ids."""
     ranks = _tiny_vocab({b"ab": 256, b"abab": 257, b"ba": 258, b"aab": 259, b"bb": 260, b"abb": 261})
