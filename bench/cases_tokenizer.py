@@ -174,7 +174,7 @@ def cases(ctx: Context) -> list[Case]:
         out.append(Case(op=op, shape=shape_, impl=impl, fn=fn, unit=unit, work=work, baseline=baseline, note=note,
                         min_time_s=1.0, interleave=True))
 
-    def one_thread(fn):  # also for any piece long enough to be cut across threads
+    def one_thread(fn):  # for pieces long enough to cut, and sequences long enough to decode in parts
         def run():
             threads = long_piece_threads()
             set_long_piece_threads(1)
@@ -201,10 +201,12 @@ def cases(ctx: Context) -> list[Case]:
     op = "tokenizer.decode_bytes"
     # Each tokenizer decodes the list its own encode made (the round trip); the same ids either way.
     add(op, "tiktoken", lambda: enc.decode_bytes(ids(enc)), nbytes, baseline=True, note="list of ints -> bytes")
-    add(op, "fast", lambda: fast.decode_bytes(ids(fast)), nbytes, note="list of ints -> bytes")
+    parts = f"in parts on {long_piece_threads()} threads"
+    add(op, "fast", lambda: fast.decode_bytes(ids(fast)), nbytes, note=f"list of ints -> bytes, {parts}")
+    add(op, "fast[1 thread]", one_thread(lambda: fast.decode_bytes(ids(fast))), nbytes, note="list of ints -> bytes")
     add(op, "fast[foreign-ints]", lambda: fast.decode_bytes(ids(enc)), nbytes,
-        note="tiktoken's list: every int object is read")
-    add(op, "fast[array]", lambda: fast.decode_bytes(id_array()), nbytes, note="uint32 array, read in place")
+        note=f"tiktoken's list: every int object is read, {parts}")
+    add(op, "fast[array]", lambda: fast.decode_bytes(id_array()), nbytes, note=f"uint32 array, read in place, {parts}")
 
     import random
 

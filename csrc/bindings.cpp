@@ -7,9 +7,12 @@
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <system_error>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -208,22 +211,12 @@ class OutBytes {
     OutBytes& operator=(const OutBytes&) = delete;
 
     // Decodes id_at(0), ..., id_at(n - 1), growing the bytes object as needed. Returns how many were
-    // decoded: all of them, or those before the first id of n_vocab or more.
+    // decoded: all of them, or those before the first id of n_vocab or more. A long sequence is
+    // split into parts decoded at the same time (see append_parts); the result is the same.
     template <class IdAt>
     size_t append(const Encoder& enc, const IdAt& id_at, size_t n) {
-        size_t at = 0;
-        for (;;) {
-            size_t done = 0;
-            len_ += enc.decode_ids([id_at, at](size_t i) { return id_at(at + i); }, n - at, PyBytes_AS_STRING(obj_) + len_,
-                                   cap_ - len_, &done);
-            at += done;
-            if (at == n || id_at(at) >= enc.n_vocab()) return at;
-            // Room for the next 64 ids at their worst, or half as much again.
-            cap_ = std::max(cap_ + cap_ / 2,
-                            len_ + std::min(n - at, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
-            if (_PyBytes_Resize(&obj_, Py_ssize_t(cap_)) != 0) throw py::error_already_set();
-            advise_huge();
-        }
+        const size_t parts = std::min<size_t>(Encoder::long_piece_threads(), n / kMinPart);
+        return parts > 1 ? append_parts(enc, id_at, n, parts) : append_here(enc, id_at, n);
     }
     py::bytes finish() {
         if (_PyBytes_Resize(&obj_, Py_ssize_t(len_)) != 0) throw py::error_already_set();
@@ -233,6 +226,104 @@ class OutBytes {
     }
 
   private:
+    // Ids per thread, at least: about a millisecond of decoding, against a thread's start.
+    static constexpr size_t kMinPart = size_t(1) << 19;
+
+    // Part 0 is decoded here, into the bytes object; each other part on a thread of its own, into a
+    // buffer of its own, copied in after. Then the parts are taken in order, exactly as one pass
+    // would meet them: a part that stopped early (an id of n_vocab or more) ends the result there,
+    // and one that threw rethrows, but only once every part before it is complete. The id readers
+    // only read memory (no Python calls, no reference counts) and the caller holds the GIL
+    // throughout, so nothing they read can change meanwhile.
+    template <class IdAt>
+    size_t append_parts(const Encoder& enc, const IdAt& id_at, size_t n, size_t parts) {
+        struct Part {
+            std::unique_ptr<char[]> bytes;  // not zeroed: only the first len bytes are read
+            size_t cap = 0, len = 0, done = 0;
+            std::exception_ptr error;
+            void grow(size_t to) {
+                std::unique_ptr<char[]> more(new char[to]);
+                if (len) std::memcpy(more.get(), bytes.get(), len);
+                bytes = std::move(more);
+                cap = to;
+            }
+        };
+        std::vector<size_t> cut(parts + 1);
+        for (size_t k = 0; k <= parts; ++k) cut[k] = n / parts * k;
+        cut[parts] = n;
+        std::vector<Part> part(parts);
+        auto decode_part = [&](size_t k) {
+            Part& p = part[k];
+            try {
+                const size_t from = cut[k], count = cut[k + 1] - from;
+                p.grow(count * 3 + kSlack);
+                for (;;) {
+                    size_t done = 0;
+                    p.len += enc.decode_ids([id_at, from, at = p.done](size_t i) { return id_at(from + at + i); },
+                                            count - p.done, p.bytes.get() + p.len, p.cap - p.len, &done);
+                    p.done += done;
+                    if (p.done == count || id_at(from + p.done) >= enc.n_vocab()) return;
+                    p.grow(std::max(p.cap + p.cap / 2,
+                                    p.len + std::min(count - p.done, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack));
+                }
+            } catch (...) {
+                p.error = std::current_exception();
+            }
+        };
+        std::vector<std::thread> threads;
+        std::vector<size_t> here;  // parts no thread could be started for
+        for (size_t k = 1; k < parts; ++k) {
+            try {
+                threads.emplace_back(decode_part, k);
+            } catch (const std::system_error&) {
+                here.push_back(k);
+            }
+        }
+        size_t at = 0;
+        std::exception_ptr first_error;
+        try {
+            at = append_here(enc, id_at, cut[1]);
+        } catch (...) {
+            first_error = std::current_exception();
+        }
+        for (const size_t k : here) decode_part(k);
+        for (auto& th : threads) th.join();
+        if (first_error) std::rethrow_exception(first_error);
+        for (size_t k = 1; k < parts && at == cut[k]; ++k) {
+            Part& p = part[k];
+            if (p.error) std::rethrow_exception(p.error);
+            reserve(p.len + kSlack);
+            std::memcpy(PyBytes_AS_STRING(obj_) + len_, p.bytes.get(), p.len);
+            len_ += p.len;
+            at += p.done;
+            p.bytes.reset();
+        }
+        return at;
+    }
+
+    // One pass on this thread.
+    template <class IdAt>
+    size_t append_here(const Encoder& enc, const IdAt& id_at, size_t n) {
+        size_t at = 0;
+        for (;;) {
+            size_t done = 0;
+            len_ += enc.decode_ids([id_at, at](size_t i) { return id_at(at + i); }, n - at, PyBytes_AS_STRING(obj_) + len_,
+                                   cap_ - len_, &done);
+            at += done;
+            if (at == n || id_at(at) >= enc.n_vocab()) return at;
+            // Room for the next 64 ids at their worst, or half as much again.
+            reserve(std::min(n - at, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
+        }
+    }
+
+    // Room for `more` bytes after what is written, or half the capacity again, whichever is more.
+    void reserve(size_t more) {
+        if (cap_ - len_ >= more) return;
+        cap_ = std::max(cap_ + cap_ / 2, len_ + more);
+        if (_PyBytes_Resize(&obj_, Py_ssize_t(cap_)) != 0) throw py::error_already_set();
+        advise_huge();
+    }
+
     // Large outputs are fresh memory from the kernel, and faulting it in 4 KB pages costs about as
     // much as decoding into it: ask for huge pages where the kernel leaves that to the program.
     void advise_huge() const {

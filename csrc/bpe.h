@@ -139,7 +139,8 @@ class Encoder {
     const std::vector<std::pair<std::string, Rank>>& specials() const { return specials_; }
     // A piece of at least twice `long_piece_segment()` bytes is cut into segments encoded on up
     // to `long_piece_threads()` threads at once (1: never), then joined exactly (backtrack.cpp).
-    // Process-wide settings; a thread encoding for encode_batch_each never cuts.
+    // Process-wide settings; a thread encoding for encode_batch_each never cuts. The thread count
+    // also caps the parts one long sequence of ids is decoded in (bindings.cpp).
     static void set_long_piece_threads(unsigned threads);
     static unsigned long_piece_threads();
     static void set_long_piece_segment(size_t min_bytes);

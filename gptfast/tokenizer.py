@@ -80,7 +80,9 @@ def set_long_piece_threads(threads: int | None = None) -> None:
     uses the CPUs this process may run on; ``1`` keeps all work on the calling thread; more than
     1024 counts as 1024 (a piece is never cut finer than 64 KB anyway). Applies to
     the whole process, and only to the C++ core. ``encode_batch`` and its relatives already use
-    one thread per text, so their pieces are never cut further.
+    one thread per text, so their pieces are never cut further. The same setting caps the
+    threads ``decode_bytes`` (and ``decode``) use for one sequence of about a million ids or
+    more, decoded in parts at the same time; the bytes and errors are those of one pass.
 
     >>> set_long_piece_threads(1); long_piece_threads()
     1

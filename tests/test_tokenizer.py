@@ -313,6 +313,68 @@ def test_decode_grows_its_output(enc, fast):
         assert fast.decode_bytes(ids[:n]) == enc.decode_bytes(ids[:n])
 
 
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # the type is what is compared
+        return type(e)
+    return None
+
+
+def test_decode_long_sequences_across_threads(enc, fast):
+    """A sequence of a million ids or more is decoded in parts on several threads: the bytes, and
+    which error wins, are those of one pass (and of tiktoken), wherever the parts are cut."""
+    np = pytest.importorskip("numpy")
+    from gptfast.tokenizer import long_piece_threads, set_long_piece_threads
+
+    longest = max(range(50256), key=lambda t: len(enc.decode_single_token_bytes(t)))
+    own = [None] * fast.n_vocab
+    for i in fast._core.mergeable_ranks().values():  # the core's own int objects
+        own[i] = i
+    rng = random.Random(5)
+    ids = [longest if rng.random() < 0.2 else rng.randrange(50256) for _ in range(1_700_000)]
+    mine = [own[i] for i in ids]
+    want = enc.decode_bytes(ids)
+    assert len(want) > 3 * len(ids)  # the parts outgrow their first guess
+    late_unknown, late_huge, early_str = mine[:], mine[:], mine[:]
+    late_unknown[1_650_000] = 50257
+    late_huge[1_200_000] = 2**40
+    early_str[7] = "7"
+    both = late_unknown[:]
+    both[3] = "3"
+    unknown_then_str = mine[:]
+    unknown_then_str[5], unknown_then_str[-2] = 60_000, "x"
+    ranks = {bytes([b]): b for b in range(256)}
+    holey_fast = Tokenizer(ranks, {"<|end|>": 300}, impl="fast")  # ids 256-299 are no token
+    holey_ref = Tokenizer(ranks, {"<|end|>": 300}, impl="reference")
+    byte_ids = [rng.randrange(256) for _ in range(1_200_000)]
+    late_hole = byte_ids[:]
+    late_hole[1_100_000] = 280
+    early_str_late_hole = late_hole[:]
+    early_str_late_hole[1] = "1"
+    before = long_piece_threads()
+    try:
+        for threads in (1, 2, 3, 4):
+            set_long_piece_threads(threads)
+            assert fast.decode_bytes(mine) == want, threads
+            assert fast.decode_bytes(ids) == want, threads  # ints that are not the core's
+            assert fast.decode_bytes(mine[:900_000] + ids[900_000:]) == want, threads
+            assert fast.decode_bytes(np.array(ids, dtype=np.uint32)) == want, threads
+            assert fast.decode_bytes(np.array(ids, dtype=np.int64)[::-1][::-1]) == want, threads
+            for bad in (late_unknown, late_huge, early_str, both, unknown_then_str):
+                got = _raised(lambda: fast.decode_bytes(bad))
+                assert got is not None and got is _raised(lambda: enc.decode_bytes(bad)), (threads, got)
+            with pytest.raises(KeyError, match="50257"):
+                fast.decode_bytes(np.array(late_unknown[:1_660_000], dtype=np.uint32))
+            # An id below n_vocab that is no token (a gap in the ids) raises inside a part.
+            assert holey_fast.decode_bytes(byte_ids) == bytes(byte_ids)
+            for bad in (late_hole, early_str_late_hole):
+                got = _raised(lambda: holey_fast.decode_bytes(bad))
+                assert got is not None and got is _raised(lambda: holey_ref.decode_bytes(bad)), (threads, got)
+    finally:
+        set_long_piece_threads(before)
+
+
 def test_single_token_errors(enc, fast, ref):
     for tok in (fast, ref, enc):
         with pytest.raises(KeyError):
