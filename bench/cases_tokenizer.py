@@ -222,19 +222,9 @@ def cases(ctx: Context) -> list[Case]:
         turn = itertools.count()
         return lambda: fn(pieces[next(turn) % len(pieces)])
 
-    # The [cold] row's tokenizer has a core of its own, so forgetting leaves the other rows' alone.
-    from gptfast.tokenizer import _gpt2_core
-
-    fresh = Tokenizer._make("gpt2", "gpt2", "fast", *_gpt2_core.__wrapped__("fast"))
-
-    def cold(piece):  # as a new tokenizer meets its first run of digits
-        fresh._core._forget_number_pairs()
-        return fresh.encode_ordinary(piece)
-
     # One piece of the pattern each: a run of letters, and a run of digits (GPT-2's number tokens
     # overlap in many ways, so the walk backs up more often than in a word). Every call gets a new
-    # random piece. The walk keeps what it learns about pairs of number tokens (facts of the
-    # vocabulary, not of a piece) for the tokenizer's lifetime; the [cold] row forgets them first.
+    # random piece.
     for kind, alphabet, note in (("word", "abcdefghijklmnopqrstuvwxyz", "random a-z"),
                                  ("number", "0123456789", "random 0-9")):
         pieces = ["".join(rng.choices(alphabet, k=n_word)) for _ in range(4)]
@@ -243,7 +233,4 @@ def cases(ctx: Context) -> list[Case]:
         add(op, "fast", rotating(fast.encode_ordinary, pieces), n_word, shape_=wshape, note=f"{note}, {cut}")
         add(op, "fast[1 thread]", one_thread(rotating(fast.encode_ordinary, pieces)), n_word, shape_=wshape,
             note=note)
-        if kind == "number":
-            add(op, "fast[cold]", rotating(cold, pieces), n_word, shape_=wshape,
-                note=f"{note}, {cut}, with nothing known of number-token pairs")
     return out

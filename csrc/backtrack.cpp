@@ -147,19 +147,21 @@ struct Encoder::LongTables {
                                // (both kNone for unusable ids)
         uint32_t shorter;      // the longest usable token that is a proper prefix, or kNone
         uint16_t length;       // bytes
-        uint16_t number;       // 1 + its row in `number_pairs` for a token of ASCII digits only, or 0
+        uint16_t number;       // 1 + its row in `number_valid` for a token of ASCII digits only, or 0
     };
     std::vector<Tok> tok;
-    // The answers of `valid` for pairs of number tokens (ASCII digits only; the first 1023 by id),
-    // two bits a pair (0 not known, 1 invalid, 2 valid). A run of digits is the long piece the
-    // pattern makes most often, and over its ~1000 tokens it asks about hundreds of thousands of
-    // pairs, most of them new to a walk that starts from nothing. Whether a pair is valid depends
-    // only on the vocabulary, so the answers are filled in as walks ask, kept for the tables'
-    // lifetime and shared by every thread (relaxed atomics: two threads that race on a cell write
-    // the same answer). A token's row is in its Tok record, so a lookup costs one more load.
+    // Whether each pair of number tokens (ASCII digits only; the first 1023 by id) is valid, a bit a
+    // pair, computed for all of them when the tables are built (number_pairs below, about a
+    // millisecond for GPT-2's 994). A run of digits is the long piece the pattern makes most often,
+    // and over those few tokens it asks about hundreds of thousands of distinct pairs, each costing
+    // a few steps of `valid` the first time. A token's row is in its Tok record.
     uint32_t number_rows = 0;
-    std::unique_ptr<std::atomic<uint8_t>[]> number_pairs;
-    size_t number_cells() const { return (size_t(number_rows) * number_rows + 3) / 4; }
+    size_t number_words = 0;  // 64-bit words a row
+    std::vector<uint64_t> number_valid;
+    bool number_pair_valid(uint32_t na, uint32_t nb) const {
+        return (number_valid[size_t(na - 1) * number_words + (nb - 1) / 64] >> ((nb - 1) & 63)) & 1;
+    }
+    void number_pairs();
     // (left, right) -> the token they are the canonical split of, behind a filter (most pairs
     // asked about are not there).
     PairMap pairs;
@@ -330,8 +332,6 @@ const Encoder::LongTables* Encoder::long_tables() const {
                 for (size_t i = 0; i < dec_[id].len; ++i) digits = digits && q[i] >= '0' && q[i] <= '9';
                 if (digits) t->tok[id].number = uint16_t(++t->number_rows);
             }
-            t->number_pairs.reset(new std::atomic<uint8_t>[t->number_cells()]);
-            for (size_t i = 0; i < t->number_cells(); ++i) t->number_pairs[i].store(0, std::memory_order_relaxed);
             t->byte_pair.assign(65536, kNone);
             size_t of_bytes = 0;
             for (size_t id = 0; id < nv; ++id) {
@@ -421,6 +421,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
                 const uint8_t* p = reinterpret_cast<const uint8_t*>(dec_arena_.data() + dec_[id].off);
                 t->tok[id].shorter = t->longest(p, t->tok[id].length - 1);
             }
+            t->number_pairs();
         }
         long_->tables = std::move(t);
     });
@@ -429,19 +430,68 @@ const Encoder::LongTables* Encoder::long_tables() const {
 
 const char* Encoder::long_piece_method() const { return long_tables()->proper ? "backtrack" : "merge"; }
 
-size_t Encoder::number_pairs_known() const {
-    const LongTables& t = *long_tables();
-    size_t known = 0;
-    for (size_t i = 0; i < t.number_cells(); ++i) {
-        const unsigned c = t.number_pairs[i].load(std::memory_order_relaxed);
-        for (unsigned k = 0; k < 4; ++k) known += ((c >> (2 * k)) & 3) != 0;
+// `valid` for every pair of number tokens at once. `valid` follows the right edge of a and the left
+// edge of b back in time and finds the pair invalid exactly when two parts that coexisted, r on
+// a's edge and l on b's, have a merge c = (r, l) ranked below the merge that replaced r (its
+// parent on a's edge; never, for a itself) and not above the one that replaced l (at equal ranks
+// the leftmost pair goes first). So each such merge c makes invalid every pair (a, b) with r on
+// a's right edge, replaced after c, and l on b's left edge, replaced at or after c: a set of rows
+// times a set of columns. Parts of a number token are number tokens of lower id, so they have rows.
+void Encoder::LongTables::number_pairs() {
+    const uint32_t rows = number_rows;
+    number_words = (rows + 63) / 64;
+    number_valid.assign(size_t(rows) * number_words, 0);
+    if (rows == 0) return;
+    std::vector<uint32_t> id_of(rows);
+    for (uint32_t id = 0; id < tok.size(); ++id)
+        if (tok[id].number) id_of[tok[id].number - 1] = id;
+    // The merges of two number tokens (by their rows), whatever the merged token's own row.
+    std::vector<std::vector<uint32_t>> by_left(rows), by_right(rows);  // merge ids, ascending
+    uint32_t merges = 0;
+    std::vector<uint32_t> merge_index(tok.size(), kNone);
+    for (uint32_t id = 0; id < tok.size(); ++id) {
+        if (tok[id].left == kNone) continue;
+        const uint32_t x = tok[tok[id].left].number, y = tok[tok[id].right].number;
+        if (!x || !y) continue;
+        by_left[x - 1].push_back(id);
+        by_right[y - 1].push_back(id);
+        merge_index[id] = merges++;
     }
-    return known;
+    std::vector<std::vector<uint32_t>> row_sets(merges);                  // merge -> rows a
+    std::vector<uint64_t> col_sets(size_t(merges) * number_words, 0);    // merge -> columns b
+    for (uint32_t i = 0; i < rows; ++i) {
+        uint64_t end = ~uint64_t(0);  // when the part was replaced (never, for the token itself)
+        for (uint32_t r = id_of[i];; end = r, r = tok[r].right) {
+            for (const uint32_t c : by_left[tok[r].number - 1])
+                if (c < end) row_sets[merge_index[c]].push_back(i);
+            if (tok[r].left == kNone) break;
+        }
+        end = ~uint64_t(0);
+        for (uint32_t l = id_of[i];; end = l, l = tok[l].left) {
+            for (const uint32_t c : by_right[tok[l].number - 1])
+                if (c <= end) col_sets[size_t(merge_index[c]) * number_words + i / 64] |= uint64_t(1) << (i & 63);
+            if (tok[l].left == kNone) break;
+        }
+    }
+    std::vector<uint64_t> invalid(size_t(rows) * number_words, 0);
+    for (uint32_t m = 0; m < merges; ++m)
+        for (const uint32_t i : row_sets[m])
+            for (size_t w = 0; w < number_words; ++w)
+                invalid[size_t(i) * number_words + w] |= col_sets[size_t(m) * number_words + w];
+    for (size_t w = 0; w < invalid.size(); ++w) number_valid[w] = ~invalid[w];
 }
 
-void Encoder::forget_number_pairs() const {
+size_t Encoder::check_number_pairs(size_t* pairs) const {
     const LongTables& t = *long_tables();
-    for (size_t i = 0; i < t.number_cells(); ++i) t.number_pairs[i].store(0, std::memory_order_relaxed);
+    std::vector<uint32_t> id_of(t.number_rows);
+    for (uint32_t id = 0; id < t.tok.size(); ++id)
+        if (t.tok[id].number) id_of[t.tok[id].number - 1] = id;
+    size_t wrong = 0;
+    for (uint32_t i = 0; i < t.number_rows; ++i)
+        for (uint32_t j = 0; j < t.number_rows; ++j)
+            wrong += t.valid(id_of[i], id_of[j]) != t.number_pair_valid(i + 1, j + 1);
+    *pairs = size_t(t.number_rows) * t.number_rows;
+    return wrong;
 }
 
 namespace {
@@ -458,7 +508,7 @@ size_t Encoder::long_piece_segment() { return g_min_segment; }
 
 namespace {
 // The answers of `valid` for the pairs of the first kSide distinct tokens a walk asks about, two
-// bits each, for pairs that are not both number tokens (those have a table that lasts). A long
+// bits each, for pairs that are not both number tokens (those have a table of their own). A long
 // piece over a small alphabet asks about the same pairs of its few tokens again and again; with
 // more distinct tokens than this, pairs repeat less and a larger table would crowd the walk's own
 // tables out of the cache, so the walk stops using it.
@@ -510,19 +560,9 @@ Encoder::LongTables::Walk Encoder::LongTables::walk(const uint8_t* p, size_t n, 
     const size_t base = out.size();
     thread_local PairMemo memo;
     memo.start(n_vocab, n >= PairMemo::kMinPiece);
-    const uint32_t rows = number_rows;
-    std::atomic<uint8_t>* const known_pairs = number_pairs.get();
     auto pair_ok = [&](uint32_t a, uint32_t b) {
         const uint32_t na = tok[a].number, nb = tok[b].number;
-        if (na && nb) {
-            const size_t at = size_t(na - 1) * rows + (nb - 1);
-            const unsigned shift = unsigned(at & 3) * 2;
-            const unsigned known = (known_pairs[at >> 2].load(std::memory_order_relaxed) >> shift) & 3;
-            if (known) return known == 2;
-            const bool v = valid(a, b);
-            known_pairs[at >> 2].fetch_or(uint8_t((v ? 2 : 1) << shift), std::memory_order_relaxed);
-            return v;
-        }
+        if (na && nb) return number_pair_valid(na, nb);
         if (!memo.on) return valid(a, b);
         const uint32_t ra = memo.row(a), rb = memo.row(b);
         if (!memo.on) return valid(a, b);

@@ -622,8 +622,11 @@ class PyEncoder {
 
     py::bytes to_tiktoken() const { return py::bytes(enc_->to_tiktoken()); }
     std::string long_piece_method() const { return enc_->long_piece_method(); }
-    size_t number_pairs_known() const { return enc_->number_pairs_known(); }
-    void forget_number_pairs() const { enc_->forget_number_pairs(); }
+    std::pair<size_t, size_t> check_number_pairs() const {
+        size_t pairs = 0;
+        const size_t wrong = enc_->check_number_pairs(&pairs);
+        return {pairs, wrong};
+    }
     size_t n_vocab() const { return enc_->n_vocab(); }
     size_t n_ranks() const { return enc_->n_ranks(); }
     std::vector<std::pair<std::string, Rank>> specials() const { return enc_->specials(); }
@@ -698,10 +701,8 @@ PYBIND11_MODULE(_bpe, m) {
         .def("mergeable_ranks", &PyEncoder::mergeable_ranks)
         .def("to_tiktoken", &PyEncoder::to_tiktoken)
         .def_property_readonly("long_piece_method", &PyEncoder::long_piece_method)
-        .def("_number_pairs_known", &PyEncoder::number_pairs_known,
-             "How many pairs of number tokens the long-piece walk has answered and kept.")
-        .def("_forget_number_pairs", &PyEncoder::forget_number_pairs,
-             "Forget those answers, as a new encoder would not have them (for benchmarks and tests).")
+        .def("_check_number_pairs", &PyEncoder::check_number_pairs,
+             "(pairs compared, pairs that differ): the walk's number-pair table against its pair check.")
         .def_property_readonly("n_vocab", &PyEncoder::n_vocab)
         .def_property_readonly("n_ranks", &PyEncoder::n_ranks)
         .def_property_readonly("specials", &PyEncoder::specials);

@@ -147,10 +147,10 @@ class Encoder {
     static size_t long_piece_segment();
     // How pieces longer than 128 bytes are encoded: "backtrack" or "merge" (see backtrack.cpp).
     const char* long_piece_method() const;
-    // The long-piece walk keeps what it learns about pairs of number tokens (tokens of ASCII
-    // digits only) for the encoder's lifetime; these count those answers and forget them.
-    size_t number_pairs_known() const;
-    void forget_number_pairs() const;
+    // Checks the long-piece walk's table of which pairs of number tokens (ASCII digits only) are
+    // valid against its pair check, one pair at a time: returns the pairs that differ, and sets
+    // `pairs` to how many were compared. For tests.
+    size_t check_number_pairs(size_t* pairs) const;
 
   private:
     void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out) const;

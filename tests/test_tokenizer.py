@@ -561,27 +561,35 @@ def test_long_pieces_with_few_distinct_tokens(enc, fast, alphabet):
         assert fast.encode_ordinary(text) == enc.encode_ordinary(text), size
 
 
-def test_number_pair_answers_last_and_are_shared(enc, gpt2_files):
-    """What the walk learns about pairs of number tokens is kept for the tokenizer's lifetime and
-    shared by its threads. Cold, filled by four threads at once, warm, and forgotten: the same ids
-    as tiktoken every time."""
+def _number_tokens(ranks):
+    return sum(1 for b in ranks if b.isdigit())  # bytes.isdigit: ASCII digits only
+
+
+def test_number_pair_table_matches_the_pair_check(enc, gpt2_files):
+    """The walk's table of which pairs of number tokens are valid, computed for all pairs at once,
+    agrees with the one-pair check on every pair (for GPT-2: 994 tokens, 988,036 pairs)."""
     fresh = Tokenizer.from_tiktoken_file(gpt2_files / "gpt2.tiktoken", impl="fast")
-    core = fresh._core
-    number_tokens = sum(enc.decode_single_token_bytes(i).isdigit() for i in range(enc.n_vocab - 1))
-    rng = random.Random(11)
-    texts = ["".join(rng.choice("0123456789") for _ in range(rng.randrange(4096, 30_000))) for _ in range(8)]
-    texts += [" " + texts[0][:5000], "x" + texts[1][:5000] + "y"]  # a token that is no number next to the run
-    expected = [enc.encode_ordinary(t) for t in texts]
-    assert core._number_pairs_known() == 0
-    assert fresh.encode_ordinary_batch(texts, num_threads=4) == expected
-    known = core._number_pairs_known()
-    assert 0 < known <= number_tokens ** 2
-    with _long_pieces_cut(4, 500):  # segment threads reading and adding to the same answers
-        assert [fresh.encode_ordinary(t) for t in texts] == expected
-    assert core._number_pairs_known() >= known
-    core._forget_number_pairs()
-    assert core._number_pairs_known() == 0
-    assert [fresh.encode_ordinary(t) for t in reversed(texts)] == expected[::-1]
+    n = _number_tokens(enc.decode_single_token_bytes(i) for i in range(enc.n_vocab - 1))
+    assert fresh._core._check_number_pairs() == (n * n, 0)
+
+
+@pytest.mark.parametrize("merges", [300, 1200])  # 1200: more number tokens than the table's 1023 rows
+def test_number_pairs_in_a_trained_vocabulary(enc, merges):
+    rng = random.Random(merges)
+    texts = ["".join(rng.choice("0123456789") for _ in range(rng.randrange(50, 2000))) for _ in range(300)]
+    trained = Tokenizer.train(texts, 256 + 1 + merges)
+    ranks = trained._core.mergeable_ranks()
+    assert _number_tokens(ranks) > (1023 if merges == 1200 else 250)
+    n = min(_number_tokens(ranks), 1023)
+    assert trained._core._check_number_pairs() == (n * n, 0)
+    ref = Tokenizer(ranks, {"<|endoftext|>": 256 + merges}, impl="reference")
+    other = tiktoken.Encoding("trained", pat_str=enc._pat_str, mergeable_ranks=ranks, special_tokens={})
+    for size in (200, 3000, 20_000, 100_000):
+        text = "".join(rng.choice("0123456789") for _ in range(size))
+        want = other.encode_ordinary(text)
+        assert trained.encode_ordinary(text) == want, size
+        if size <= 3000:  # the reference's merge loop is quadratic
+            assert ref.encode_ordinary(text) == want, size
 
 
 def test_long_pieces_alternating_vocabularies(enc, fast):
