@@ -172,7 +172,7 @@ def cases(ctx: Context) -> list[Case]:
 
     def add(op, impl, fn, work, shape_=shape, baseline=False, note="", unit="MB/s"):
         out.append(Case(op=op, shape=shape_, impl=impl, fn=fn, unit=unit, work=work, baseline=baseline, note=note,
-                        min_time_s=1.0, interleave=True))
+                        min_time_s=1.0, interleave=True, min_rounds=7))
 
     def one_thread(fn):  # for pieces long enough to cut, and sequences long enough to decode in parts
         def run():

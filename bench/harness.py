@@ -58,6 +58,9 @@ class Case:
     # CPU cases of one (op, shape, dtype) group that all set this are timed in alternation, one
     # call of each per round, so a machine whose speed drifts (a shared one) shifts them alike.
     interleave: bool = False
+    # CPU timer: at least this many calls (rounds, when interleaved), whatever min_time_s says; a
+    # median of three slow calls on a shared machine can be off by a fifth.
+    min_rounds: int = 3
 
     def __post_init__(self):
         if self.unit not in UNITS:
@@ -171,19 +174,22 @@ def time_cuda(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100)
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 1000) -> float:
-    """Median milliseconds of ``fn`` on the CPU: one warm-up call, then repeat until ``min_time_s``."""
-    return time_cpu_interleaved([fn], min_time_s, max_reps)[0]
+def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 1000, min_reps: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the CPU: one warm-up call, then repeat until ``min_time_s``
+    (and at least ``min_reps`` times)."""
+    return time_cpu_interleaved([fn], min_time_s, max_reps, min_reps)[0]
 
 
-def time_cpu_interleaved(fns: list[Callable[[], Any]], min_time_s: float = 0.2, max_rounds: int = 1000) -> list[float]:
-    """Median milliseconds of each of ``fns``, timed in rounds of one call each (after one warm-up each)."""
+def time_cpu_interleaved(fns: list[Callable[[], Any]], min_time_s: float = 0.2, max_rounds: int = 1000,
+                         min_rounds: int = 3) -> list[float]:
+    """Median milliseconds of each of ``fns``, timed in rounds of one call each (after one warm-up
+    each), until ``min_time_s`` a function has passed and at least ``min_rounds`` rounds are done."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     budget = min_time_s * len(fns)
-    while len(times[0]) < 3 or (time.perf_counter() - start < budget and len(times[0]) < max_rounds):
+    while len(times[0]) < min_rounds or (time.perf_counter() - start < budget and len(times[0]) < max_rounds):
         for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
@@ -244,7 +250,7 @@ def discover_cases(ctx: Context) -> list[Case]:
 def measure(case: Case, info: DeviceInfo, ms: float | None = None) -> Result:
     """Times ``case`` (or takes ``ms`` already measured) and derives throughput and % of peak."""
     if ms is None:
-        ms = time_cuda(case.fn) if case.device == "cuda" else time_cpu(case.fn, case.min_time_s)
+        ms = time_cuda(case.fn) if case.device == "cuda" else time_cpu(case.fn, case.min_time_s, min_reps=case.min_rounds)
     scale = UNITS[case.unit][1]
     throughput = case.work / (ms * 1e-3) / scale
     pct = None
@@ -380,7 +386,8 @@ def run(device: str | None = None, quick: bool = False, only: str | None = None,
             names = ", ".join(c.impl for c in group)
             print(f"  timing {group[0].op} {group[0].shape} {group[0].dtype} [{names}] in alternation",
                   file=sys.stderr, flush=True)
-            times = time_cpu_interleaved([c.fn for c in group], max(c.min_time_s for c in group))
+            times = time_cpu_interleaved([c.fn for c in group], max(c.min_time_s for c in group),
+                                         min_rounds=max(c.min_rounds for c in group))
             results += [measure(c, info, ms) for c, ms in zip(group, times)]
         else:
             case = group[0]

@@ -64,6 +64,16 @@ def test_interleaved_cases_alternate_and_keep_their_ratio():
     assert ms_a >= 3.0 and ms_b >= 1.0 and ms_a > 1.5 * ms_b
 
 
+def test_min_rounds_outlasts_min_time():
+    calls = []
+    ms = harness.time_cpu_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 0.0, min_rounds=9)
+    assert calls == ["a", "b"] * 10  # the warm-up round, then nine timed ones
+    assert len(ms) == 2
+    n = []
+    harness.time_cpu(lambda: n.append(1), 0.0, min_reps=5)
+    assert len(n) == 6
+
+
 def test_unknown_unit_is_rejected():
     with pytest.raises(ValueError, match="unknown unit"):
         Case("op", "s", "impl", lambda: None, "widgets/s", 1.0)
