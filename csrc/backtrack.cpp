@@ -445,6 +445,18 @@ void Encoder::LongTables::number_pairs() {
     std::vector<uint32_t> id_of(rows);
     for (uint32_t id = 0; id < tok.size(); ++id)
         if (tok[id].number) id_of[tok[id].number - 1] = id;
+    // Every part on the edges of a token with a row must have one too; if one did not (a part the
+    // rule never produces on its own), the walk checks number tokens one pair at a time instead.
+    for (uint32_t i = 0; i < rows; ++i)
+        for (uint32_t side = 0; side < 2; ++side)
+            for (uint32_t x = id_of[i]; tok[x].left != kNone; x = side ? tok[x].left : tok[x].right)
+                if (!tok[side ? tok[x].left : tok[x].right].number) {
+                    for (const uint32_t id : id_of) tok[id].number = 0;
+                    number_rows = 0;
+                    number_words = 0;
+                    number_valid.clear();
+                    return;
+                }
     // The merges of two number tokens (by their rows), whatever the merged token's own row.
     std::vector<std::vector<uint32_t>> by_left(rows), by_right(rows);  // merge ids, ascending
     uint32_t merges = 0;
