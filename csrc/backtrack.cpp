@@ -162,6 +162,12 @@ struct Encoder::LongTables {
         return (number_valid[size_t(na - 1) * number_words + (nb - 1) / 64] >> ((nb - 1) & 63)) & 1;
     }
     void number_pairs();
+    std::vector<uint32_t> number_ids() const {  // row -> token
+        std::vector<uint32_t> id_of(number_rows);
+        for (uint32_t id = 0; id < tok.size(); ++id)
+            if (tok[id].number) id_of[tok[id].number - 1] = id;
+        return id_of;
+    }
     // (left, right) -> the token they are the canonical split of, behind a filter (most pairs
     // asked about are not there).
     PairMap pairs;
@@ -442,9 +448,7 @@ void Encoder::LongTables::number_pairs() {
     number_words = (rows + 63) / 64;
     number_valid.assign(size_t(rows) * number_words, 0);
     if (rows == 0) return;
-    std::vector<uint32_t> id_of(rows);
-    for (uint32_t id = 0; id < tok.size(); ++id)
-        if (tok[id].number) id_of[tok[id].number - 1] = id;
+    const std::vector<uint32_t> id_of = number_ids();
     // Every part on the edges of a token with a row must have one too; if one did not (a part the
     // rule never produces on its own), the walk checks number tokens one pair at a time instead.
     for (uint32_t i = 0; i < rows; ++i)
@@ -495,9 +499,7 @@ void Encoder::LongTables::number_pairs() {
 
 size_t Encoder::check_number_pairs(size_t* pairs) const {
     const LongTables& t = *long_tables();
-    std::vector<uint32_t> id_of(t.number_rows);
-    for (uint32_t id = 0; id < t.tok.size(); ++id)
-        if (t.tok[id].number) id_of[t.tok[id].number - 1] = id;
+    const std::vector<uint32_t> id_of = t.number_ids();
     size_t wrong = 0;
     for (uint32_t i = 0; i < t.number_rows; ++i)
         for (uint32_t j = 0; j < t.number_rows; ++j)

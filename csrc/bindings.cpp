@@ -197,6 +197,24 @@ struct IdSequence {
     PyObject** items() const { return PySequence_Fast_ITEMS(seq); }
 };
 
+// Decodes id_at(0), ..., id_at(n - 1) onto the end of `buf` (tail(), room(), advance(k) and
+// reserve(more)), growing it as needed. Returns how many were decoded: all of them, or those
+// before the first id of n_vocab or more.
+template <class IdAt, class Buf>
+size_t decode_onto(const Encoder& enc, const IdAt& id_at, size_t n, Buf& buf) {
+    constexpr size_t kSlack = Encoder::kDecodeSlack;
+    size_t at = 0;
+    for (;;) {
+        size_t done = 0;
+        buf.advance(enc.decode_ids([id_at, at](size_t i) { return id_at(at + i); }, n - at, buf.tail(), buf.room(),
+                                   &done));
+        at += done;
+        if (at == n || id_at(at) >= enc.n_vocab()) return at;
+        // Room for the next 64 ids at their worst, or half as much again.
+        buf.reserve(std::min(n - at, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
+    }
+}
+
 // A bytes object filled by appending decoded blocks; grown geometrically, trimmed at the end.
 class OutBytes {
   public:
@@ -216,7 +234,7 @@ class OutBytes {
     template <class IdAt>
     size_t append(const Encoder& enc, const IdAt& id_at, size_t n) {
         const size_t parts = std::min<size_t>(Encoder::long_piece_threads(), n / kMinPart);
-        return parts > 1 ? append_parts(enc, id_at, n, parts) : append_here(enc, id_at, n);
+        return parts > 1 ? append_parts(enc, id_at, n, parts) : decode_onto(enc, id_at, n, *this);
     }
     py::bytes finish() {
         if (_PyBytes_Resize(&obj_, Py_ssize_t(len_)) != 0) throw py::error_already_set();
@@ -241,10 +259,15 @@ class OutBytes {
             std::unique_ptr<char[]> bytes;  // not zeroed: only the first len bytes are read
             size_t cap = 0, len = 0, done = 0;
             std::exception_ptr error;
-            void grow(size_t to) {
-                std::unique_ptr<char[]> more(new char[to]);
-                if (len) std::memcpy(more.get(), bytes.get(), len);
-                bytes = std::move(more);
+            char* tail() { return bytes.get() + len; }
+            size_t room() const { return cap - len; }
+            void advance(size_t k) { len += k; }
+            void reserve(size_t more) {  // as OutBytes::reserve
+                if (cap - len >= more) return;
+                const size_t to = std::max(cap + cap / 2, len + more);
+                std::unique_ptr<char[]> grown(new char[to]);
+                if (len) std::memcpy(grown.get(), bytes.get(), len);
+                bytes = std::move(grown);
                 cap = to;
             }
         };
@@ -256,16 +279,8 @@ class OutBytes {
             Part& p = part[k];
             try {
                 const size_t from = cut[k], count = cut[k + 1] - from;
-                p.grow(count * 3 + kSlack);
-                for (;;) {
-                    size_t done = 0;
-                    p.len += enc.decode_ids([id_at, from, at = p.done](size_t i) { return id_at(from + at + i); },
-                                            count - p.done, p.bytes.get() + p.len, p.cap - p.len, &done);
-                    p.done += done;
-                    if (p.done == count || id_at(from + p.done) >= enc.n_vocab()) return;
-                    p.grow(std::max(p.cap + p.cap / 2,
-                                    p.len + std::min(count - p.done, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack));
-                }
+                p.reserve(count * 3 + kSlack);
+                p.done = decode_onto(enc, [id_at, from](size_t i) { return id_at(from + i); }, count, p);
             } catch (...) {
                 p.error = std::current_exception();
             }
@@ -282,7 +297,7 @@ class OutBytes {
         size_t at = 0;
         std::exception_ptr first_error;
         try {
-            at = append_here(enc, id_at, cut[1]);
+            at = decode_onto(enc, id_at, cut[1], *this);
         } catch (...) {
             first_error = std::current_exception();
         }
@@ -293,28 +308,19 @@ class OutBytes {
             Part& p = part[k];
             if (p.error) std::rethrow_exception(p.error);
             reserve(p.len + kSlack);
-            std::memcpy(PyBytes_AS_STRING(obj_) + len_, p.bytes.get(), p.len);
-            len_ += p.len;
+            std::memcpy(tail(), p.bytes.get(), p.len);
+            advance(p.len);
             at += p.done;
             p.bytes.reset();
         }
         return at;
     }
 
-    // One pass on this thread.
-    template <class IdAt>
-    size_t append_here(const Encoder& enc, const IdAt& id_at, size_t n) {
-        size_t at = 0;
-        for (;;) {
-            size_t done = 0;
-            len_ += enc.decode_ids([id_at, at](size_t i) { return id_at(at + i); }, n - at, PyBytes_AS_STRING(obj_) + len_,
-                                   cap_ - len_, &done);
-            at += done;
-            if (at == n || id_at(at) >= enc.n_vocab()) return at;
-            // Room for the next 64 ids at their worst, or half as much again.
-            reserve(std::min(n - at, size_t(64)) * (enc.max_token_len() + kSlack) + kSlack);
-        }
-    }
+    template <class IdAt, class Buf>
+    friend size_t decode_onto(const Encoder&, const IdAt&, size_t, Buf&);
+    char* tail() { return PyBytes_AS_STRING(obj_) + len_; }
+    size_t room() const { return cap_ - len_; }
+    void advance(size_t k) { len_ += k; }
 
     // Room for `more` bytes after what is written, or half the capacity again, whichever is more.
     void reserve(size_t more) {

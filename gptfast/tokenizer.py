@@ -99,7 +99,8 @@ def set_long_piece_threads(threads: int | None = None) -> None:
 
 
 def long_piece_threads() -> int:
-    """How many threads one very long piece may be encoded on (see :func:`set_long_piece_threads`)."""
+    """How many threads one very long piece may be encoded on, or one long sequence of ids decoded
+    on (see :func:`set_long_piece_threads`)."""
     ext, _ = _load_extension()
     return ext.long_piece_threads() if ext is not None else 1
 
