@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.10",
     packages=["gptfast", "gptfast.commands", "gptfast.kernels", "gptfast.bench"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
-    package_data={"gptfast.bench": ["results/*.json", "results/*.png"]},
+    package_data={"gptfast": ["assets/*.tiktoken"], "gptfast.bench": ["results/*.json", "results/*.png"]},
     ext_modules=_bpe_extension(),
     install_requires=[
         "torch>=2.6",

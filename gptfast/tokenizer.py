@@ -26,7 +26,8 @@ from typing import AbstractSet, Callable, Collection, Iterable, Literal, Sequenc
 
 from . import bpe_reference as _ref
 
-__all__ = ["Tokenizer", "REQUIRE_EXT_ENV", "set_long_piece_threads", "long_piece_threads"]
+__all__ = ["Tokenizer", "REQUIRE_EXT_ENV", "set_long_piece_threads", "long_piece_threads", "tiktoken_gpt2",
+           "gpt2_ranks_bytes"]
 
 #: Set this environment variable to 1 to make a missing C++ extension an error for ``impl="auto"``.
 REQUIRE_EXT_ENV = "GPTFAST_REQUIRE_EXT"
@@ -34,8 +35,9 @@ REQUIRE_EXT_ENV = "GPTFAST_REQUIRE_EXT"
 ENDOFTEXT = "<|endoftext|>"
 PATTERNS = {"gpt2": _ref.GPT2_PATTERN}
 
-# GPT-2's ranks as tiktoken publishes them (r50k_base holds the same ranks as its "gpt2").
-_R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+# GPT-2's ranks, shipped with the package: the r50k_base.tiktoken file OpenAI publishes (MIT license),
+# byte for byte, which holds the ranks of tiktoken's "gpt2" encoding. Checked against this hash on load.
+_R50K_FILE = "r50k_base.tiktoken"
 _R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 _BUILD_HINT = (
@@ -199,19 +201,67 @@ def _gpt2_byte_table() -> dict[str, int]:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def gpt2_ranks_bytes() -> bytes:
+    """The bytes of GPT-2's ranks file (``r50k_base.tiktoken``) that ship inside the package.
+
+    No network and no cache are involved. The file's sha256 is checked, so a damaged install is an
+    error that says how to repair it rather than a tokenizer with wrong ids.
+    """
+    import hashlib
+    from importlib import resources
+
+    try:
+        data = resources.files("gptfast").joinpath("assets", _R50K_FILE).read_bytes()
+    except (FileNotFoundError, OSError) as e:
+        raise RuntimeError(
+            f"GPT-2's ranks file gptfast/assets/{_R50K_FILE} is missing from this install ({e}); "
+            "reinstall the package: pip install --force-reinstall gptfast-from-scratch"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != _R50K_SHA256:
+        raise RuntimeError(
+            f"GPT-2's ranks file gptfast/assets/{_R50K_FILE} is damaged (sha256 {digest[:12]}..., expected "
+            f"{_R50K_SHA256[:12]}...); reinstall the package: pip install --force-reinstall gptfast-from-scratch"
+        )
+    return data
+
+
+def tiktoken_gpt2():
+    """tiktoken's own ``gpt2`` encoding, built from the ranks the package ships, so it needs no network.
+
+    The same object as ``tiktoken.get_encoding("gpt2")`` gives (same name, split pattern, ranks and
+    special token), for comparing against tiktoken offline.
+
+    >>> tiktoken_gpt2().encode("Hello, do you like tea?")
+    [15496, 11, 466, 345, 588, 8887, 30]
+    """
+    try:
+        import tiktoken
+    except ImportError as e:
+        raise ImportError(f"tiktoken_gpt2() builds a tiktoken.Encoding: `pip install tiktoken` ({e})") from None
+    try:  # tiktoken's own spelling of the split pattern (the same regex as ours)
+        from tiktoken_ext.openai_public import r50k_pat_str as pattern
+    except ImportError:
+        pattern = _ref.GPT2_PATTERN
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=pattern,
+        mergeable_ranks=_parse_tiktoken(gpt2_ranks_bytes(), _R50K_FILE),
+        special_tokens={ENDOFTEXT: 50256},
+        explicit_n_vocab=50257,
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _gpt2_core(impl: str):
     """The GPT-2 vocabulary, loaded once per process and shared by every ``Tokenizer.gpt2()``."""
-    try:
-        import tiktoken.load  # its download-and-cache machinery honours TIKTOKEN_CACHE_DIR
-    except ImportError as e:
-        raise ImportError(f"Tokenizer.gpt2() fetches GPT-2's ranks through tiktoken: `pip install tiktoken` ({e})") from None
-    data = tiktoken.load.read_file_cached(_R50K_URL, _R50K_SHA256)
+    data = gpt2_ranks_bytes()
     specials = {ENDOFTEXT: 50256}
     if impl == "fast":
         ext, _ = _load_extension()
         return ext.Encoder.from_tiktoken(data, list(specials.items())), None, specials
-    return None, _parse_tiktoken(data, "r50k_base.tiktoken"), specials
+    return None, _parse_tiktoken(data, _R50K_FILE), specials
 
 
 class Tokenizer:
@@ -271,7 +321,7 @@ class Tokenizer:
     def gpt2(cls, impl: Impl = "auto") -> "Tokenizer":
         """GPT-2's tokenizer: the ids of ``tiktoken.get_encoding("gpt2")``.
 
-        The ranks file comes through tiktoken's own download cache (``TIKTOKEN_CACHE_DIR``).
+        The ranks ship with the package (no network, no cache), checked by their sha256 on load.
 
         >>> Tokenizer.gpt2().n_vocab
         50257
