@@ -503,11 +503,12 @@ def download(name: str, cache_dir=None) -> str:
         ) from None
     try:
         return snapshot_download(repo, allow_patterns=[HF_CONFIG, HF_SAFETENSORS], cache_dir=cache_dir)
-    except Exception as e:  # offline, unknown repository, no permission: say so plainly
+    except Exception as e:  # offline, unknown repository, no permission: one line that says what to do
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
-            f"could not fetch {name!r} ({repo}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
-            f"Check the network connection (HF_HUB_OFFLINE=1 allows only what is already cached), "
-            f"or download the folder elsewhere and pass its path"
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            f"to load it without network, put {HF_CONFIG} and {HF_SAFETENSORS} from "
+            f"https://huggingface.co/{repo} in one folder and pass that folder's path instead of the name"
         ) from None
 
 
