@@ -1,8 +1,8 @@
 """Offline by default: GPT-2's tokenizer, training, tokenizing and generating never touch the network.
 
-The subprocess tests run with every socket refused (a ``sitecustomize`` on ``PYTHONPATH`` that makes
-``socket.connect`` fail), an empty home folder and an empty tiktoken cache, as on a fresh machine with
-no internet.
+The subprocess tests run with the network refused (``tests/offline/sitecustomize.py`` on ``PYTHONPATH``
+makes every connection off this machine fail), an empty home folder and an empty tiktoken cache, as on
+a fresh machine with no internet.
 """
 
 import hashlib
@@ -24,40 +24,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 HELLO = "Hello, do you like tea? <|endoftext|> In the sunlit terraces"
 HELLO_IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114]
 
-_BLOCK_SOCKETS = """
-import socket
-
-class NoNetwork(OSError):
-    pass
-
-def _refuse(self, address, *args, **kwargs):
-    if self.family == getattr(socket, "AF_UNIX", None):
-        return _connect(self, address, *args, **kwargs)
-    raise NoNetwork(f"network use in an offline test: connect to {address!r}")
-
-_connect = socket.socket.connect
-socket.socket.connect = _refuse
-socket.socket.connect_ex = _refuse
-
-def _no_dns(*args, **kwargs):
-    raise NoNetwork(f"network use in an offline test: getaddrinfo{args!r}")
-
-socket.getaddrinfo = _no_dns
-"""
+OFFLINE = pathlib.Path(__file__).resolve().parent / "offline"  # its sitecustomize refuses the network
 
 
 @pytest.fixture
 def offline_env(tmp_path):
     """Environment of a fresh, offline machine: sockets refused, empty HOME and tiktoken cache."""
-    block = tmp_path / "block-network"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(_BLOCK_SOCKETS)
     home = tmp_path / "home"
     home.mkdir()
     cache = tmp_path / "empty-tiktoken-cache"
     cache.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIKTOKEN_", "HF_", "GPTFAST_BACKEND"))}
-    env.update(PYTHONPATH=os.pathsep.join([str(block), str(REPO)]), HOME=str(home),
+    env.update(PYTHONPATH=os.pathsep.join([str(OFFLINE), str(REPO)]), HOME=str(home),
                TIKTOKEN_CACHE_DIR=str(cache), XDG_CACHE_HOME=str(home / ".cache"), PYTHONUNBUFFERED="1")
     return env
 
@@ -70,7 +48,7 @@ def _run(args, env, cwd, timeout=300):
 def test_the_socket_block_works(offline_env, tmp_path):
     """The offline tests only mean something if the network really is refused in them."""
     r = _run(["-c", "import tiktoken; tiktoken.get_encoding('gpt2')"], offline_env, tmp_path)
-    assert r.returncode != 0 and "network use in an offline test" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "network use in an offline run" in r.stderr, r.stderr[-2000:]
 
 
 def test_gpt2_tokenizer_loads_offline(offline_env, tmp_path):
