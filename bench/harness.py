@@ -8,6 +8,11 @@ returning the cases it can run on ``ctx.device`` (and calling ``ctx.skip(reason)
 cannot, e.g. "layer_norm: needs a CUDA GPU"). Every case of one ``(op, shape, dtype)`` group is
 timed in the same run, so the ratios between implementations are meaningful; absolute times only
 hold on the device named in the header.
+
+Two plans: ``quick`` (``ctx.quick``: fewer, smaller shapes) and ``full``. A CPU runs the quick plan
+unless told ``--full``; a GPU runs the full one unless told ``--quick``. Every case declares what one
+call costs and what it must build first, so each has a time budget before anything runs
+(``--dry-run`` lists them), and the default CPU plan's budget is held under ``CPU_DEFAULT_LIMIT_S``.
 """
 
 from __future__ import annotations
@@ -61,10 +66,25 @@ class Case:
     # CPU timer: at least this many calls (rounds, when interleaved), whatever min_time_s says; a
     # median of three slow calls on a shared machine can be off by a fifth.
     min_rounds: int = 3
+    # What the case expects to cost on the machine its plan is sized for (a shared 2-core CPU for CPU
+    # cases): seconds for one call, and seconds to build what it needs before the first (a model, a
+    # corpus, a compile; shared work is counted once, on the first case that needs it).
+    call_s: float = 0.01
+    setup_s: float = 0.0
 
     def __post_init__(self):
         if self.unit not in UNITS:
             raise ValueError(f"unknown unit {self.unit!r}; use one of {sorted(UNITS)}")
+
+    @property
+    def budget_s(self) -> float:
+        """Seconds this case may take: its setup, then what the timer spends at ``call_s`` a call."""
+        c = self.call_s
+        if self.device == "cuda":  # do_bench: one call, 5 to estimate, >= 25 ms warm-up, >= 100 ms timed
+            return self.setup_s + 6 * c + max(c, 0.025) + max(c, 0.1) + 0.1
+        # time_cpu(_interleaved): one warm-up call, then calls until min_rounds and min_time_s are both
+        # passed (the last call may run past min_time_s by one call)
+        return self.setup_s + c + max(self.min_rounds * c, self.min_time_s + c)
 
 
 @dataclass
@@ -99,6 +119,9 @@ class Context:
     info: DeviceInfo
     quick: bool = False
     only: str | None = None
+    # List the cases without building anything heavy (no corpus, no compile, no warm-up call): the
+    # plan's names and budgets only. No case's ``fn`` is called.
+    dry_run: bool = False
     skipped: list = field(default_factory=list)
 
     def skip(self, reason: str) -> None:
@@ -235,15 +258,20 @@ def kernel_arch(ctx: Context, op: str, module) -> int | None:
     return arch
 
 
-def discover_cases(ctx: Context) -> list[Case]:
-    """Import every ``cases_*`` module of this package and collect what it offers for ``ctx``."""
+def discover_cases(ctx: Context, progress=None) -> list[Case]:
+    """Import every ``cases_*`` module of this package and collect what it offers for ``ctx``.
+
+    ``progress``: a stream that gets one line per module that offered cases, once they are ready."""
     out: list[Case] = []
     pkg = sys.modules[__package__]
     for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cases_")):
+        start = time.perf_counter()
         module = importlib.import_module(f"{__package__}.{mod}")
-        for case in module.cases(ctx):
-            if ctx.wants(case.op):
-                out.append(case)
+        found = [case for case in module.cases(ctx) if ctx.wants(case.op)]
+        if found and progress is not None:
+            print(f"[plan] {mod[len('cases_'):]}: {len(found)} cases ready in {time.perf_counter() - start:.1f} s",
+                  file=progress, flush=True)
+        out += found
     return out
 
 
@@ -312,8 +340,11 @@ def header(info: DeviceInfo) -> str:
     return "\n".join(parts)
 
 
-def save(results: list[Result], info: DeviceInfo, out_dir: str, skipped: list[str]) -> tuple[str, str | None]:
-    """Write ``<out_dir>/<device>.json`` (atomically) and a PNG chart beside it; return both paths."""
+def save(results: list[Result], info: DeviceInfo, out_dir: str, skipped: list[str],
+         plan: dict | None = None) -> tuple[str, str | None]:
+    """Write ``<out_dir>/<device>.json`` (atomically) and a PNG chart beside it; return both paths.
+
+    ``plan``: the plan's name, declared budget and wall time, kept with the numbers."""
     import torch
 
     os.makedirs(out_dir, exist_ok=True)
@@ -323,6 +354,7 @@ def save(results: list[Result], info: DeviceInfo, out_dir: str, skipped: list[st
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "plan": plan,
         "skipped": skipped,
         "results": [asdict(r) for r in results],
     }
@@ -367,54 +399,247 @@ def plot(results: list[Result], info: DeviceInfo, path: str) -> None:
     os.replace(tmp, path)
 
 
+# The default plan on a CPU (the quick one) must declare at most this many seconds in all, start-up
+# included: it is what ``python -m bench`` and CI run on a shared 2-core machine.
+CPU_DEFAULT_LIMIT_S = 120.0
+# Importing torch, reading the device, drawing and writing the chart: counted once in every plan.
+STARTUP_S = 5.0
+OUT_DIR_NAME = "bench-results"
+
+
+def default_plan(kind: str) -> str:
+    """``"quick"`` on a CPU (at most ``CPU_DEFAULT_LIMIT_S`` declared), ``"full"`` on a GPU."""
+    return "quick" if kind == "cpu" else "full"
+
+
 def default_out_dir() -> str:
-    here = os.path.join(os.getcwd(), "bench", "results")
-    return here if os.path.isdir(os.path.dirname(here)) else os.path.join(os.getcwd(), "bench-results")
+    """``./bench-results`` in the current folder, wherever that is (never the package's own folder)."""
+    return os.path.join(os.getcwd(), OUT_DIR_NAME)
 
 
-def run(device: str | None = None, quick: bool = False, only: str | None = None, out_dir: str | None = None,
-        save_results: bool = True, stream=sys.stdout) -> list[Result]:
-    info = device_info(device)
-    ctx = Context(info.kind, info, quick=quick, only=only)
+def plan_budget(cases: list[Case]) -> float:
+    """Seconds the plan declares: start-up plus every case's budget."""
+    return STARTUP_S + sum(c.budget_s for c in cases)
+
+
+def check_device(device: str | None) -> str | None:
+    """``device`` if this machine can run benchmarks on it; a ``CommandError`` saying what to use if not."""
+    from gptfast.cli import CommandError
+
+    if device is None or device == "cpu":
+        return device
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise CommandError(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA GPU here; "
+                               "leave out --device to run the CPU plan")
+        return device
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CommandError("--device mps: this machine has no Apple MPS device; use --device cpu")
+        raise CommandError("--device mps: no benchmark runs on MPS yet; use --device cpu")
+    if device.startswith("cuda:"):
+        raise CommandError(f"--device {device}: the benchmarks run on the current CUDA device; "
+                           f"pick it with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
+    raise CommandError(f"--device {device!r} is not a device; use cpu or cuda "
+                       "(the default is cuda when torch sees a GPU, else cpu)")
+
+
+def check_only(only: str | None) -> None:
+    from gptfast.cli import CommandError
+
+    if only is None:
+        return
+    try:
+        re.compile(only)
+    except re.error as e:
+        raise CommandError(f"--only {only!r} is not a regular expression ({e}); "
+                           "quote it, or escape the character, e.g. --only 'attention\\.fwd'") from None
+
+
+def check_out(out_dir: str | None) -> None:
+    """The output folder must be a folder, or be creatable as one."""
+    from gptfast.cli import CommandError
+
+    if out_dir is None:
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CommandError(f"--out {out_dir} is a file; give a folder to hold <device>.json and <device>.png "
+                           f"(the default is ./{OUT_DIR_NAME})")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CommandError(f"--out {out_dir}: {parent} is a file, so no folder can be made there; "
+                           "give another folder")
+    if not os.access(parent, os.W_OK):
+        raise CommandError(f"--out {out_dir}: {parent} is not writable; give a folder you can write to")
+
+
+def _no_match(ctx: Context) -> str:
+    near = [r for r in ctx.skipped if re.search(ctx.only, r)]
+    why = f" ({'; '.join(near)})" if near else ""
+    return f"--only {ctx.only!r} matches no benchmark on {ctx.device}{why}; --dry-run lists every case"
+
+
+def format_plan(cases: list[Case], plan: str) -> str:
+    """The cases in the order they run, each with its budget, and the total."""
+    head = ["#", "op", "shape", "dtype", "impl", "budget", "of it setup"]
+    rows = [[str(i), c.op, c.shape, c.dtype, c.impl, f"{c.budget_s:.1f} s", f"{c.setup_s:.1f} s" if c.setup_s else ""]
+            for i, c in enumerate(cases, 1)]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"{plan} plan: {len(cases)} cases, declared budget {plan_budget(cases):.0f} s "
+                 f"({STARTUP_S:.0f} s of it start-up)")
+    return "\n".join(lines)
+
+
+def _progress(cases: list[Case], i: int, group: list[Case], elapsed: float) -> str:
+    span = f"{i + 1}" if len(group) == 1 else f"{i + 1}-{i + len(group)}"
+    impls = ", ".join(c.impl for c in group)
+    alternation = " in alternation" if len(group) > 1 else ""
+    budget = sum(c.budget_s for c in group)
+    first = group[0]
+    return (f"[{span}/{len(cases)}] {first.op} {first.shape} {first.dtype} [{impls}]{alternation} "
+            f"(budget {budget:.1f} s, {elapsed:.0f} s so far)")
+
+
+@dataclass
+class Plan:
+    """The cases one run will time, in order, for one device and plan."""
+
+    name: str  # "quick" or "full"
+    info: DeviceInfo
+    ctx: Context
+    cases: list
+
+    @property
+    def budget_s(self) -> float:
+        return plan_budget(self.cases)
+
+
+def make_plan(device: str | None = None, quick: bool | None = None, only: str | None = None,
+              dry_run: bool = False, progress=None) -> Plan:
+    """The plan for ``device`` (``quick``: None picks the device's default); a ``CommandError`` for a
+    device this machine lacks, a bad ``only``, or an ``only`` that matches nothing."""
+    from gptfast.cli import CommandError
+
+    device = check_device(device)
+    check_only(only)
+    info = device_info(device, measure=not dry_run)
+    name = default_plan(info.kind) if quick is None else ("quick" if quick else "full")
+    ctx = Context(info.kind, info, quick=name == "quick", only=only, dry_run=dry_run)
+    cases = discover_cases(ctx, progress)
+    if only is not None and not cases:
+        raise CommandError(_no_match(ctx))
+    return Plan(name, info, ctx, cases)
+
+
+def run(device: str | None = None, quick: bool | None = None, only: str | None = None, out_dir: str | None = None,
+        save_results: bool = True, stream=sys.stdout, dry_run: bool = False) -> list[Result]:
+    """Run the plan for ``device`` (``quick``: None picks the device's default plan) and return its results.
+
+    Bad arguments raise ``gptfast.cli.CommandError`` before anything runs. With ``dry_run`` it prints
+    the plan and every case's budget, runs nothing, and returns ``[]``.
+    """
+    check_device(device)
+    check_only(only)
+    if save_results:
+        check_out(out_dir)
+    out_dir = out_dir or default_out_dir()
+    start = time.perf_counter()
+    plan = make_plan(device, quick, only, dry_run, progress=None if dry_run else sys.stderr)
+    info, ctx, cases = plan.info, plan.ctx, plan.cases
     print(header(info), file=stream, flush=True)
-    cases = discover_cases(ctx)
+    if dry_run:
+        print(format_plan(cases, plan.name), file=stream)
+        for reason in ctx.skipped:
+            print(f"skipped: {reason}", file=stream)
+        where = os.path.join(out_dir, f"{info.slug}.json") if save_results else "nothing (--no-save)"
+        print(f"dry run: nothing was timed; a run would write {where}", file=stream)
+        return []
+    budget = plan.budget_s
+    print(f"{plan.name} plan: {len(cases)} cases, declared budget {budget:.0f} s", file=sys.stderr, flush=True)
     results = []
     i = 0
     while i < len(cases):
         group = _interleaved_group(cases, i)
+        print(_progress(cases, i, group, time.perf_counter() - start), file=sys.stderr, flush=True)
+        group_start = time.perf_counter()
         if len(group) > 1:
-            names = ", ".join(c.impl for c in group)
-            print(f"  timing {group[0].op} {group[0].shape} {group[0].dtype} [{names}] in alternation",
-                  file=sys.stderr, flush=True)
             times = time_cpu_interleaved([c.fn for c in group], max(c.min_time_s for c in group),
                                          min_rounds=max(c.min_rounds for c in group))
             results += [measure(c, info, ms) for c, ms in zip(group, times)]
         else:
-            case = group[0]
-            print(f"  timing {case.op} {case.shape} {case.dtype} [{case.impl}]", file=sys.stderr, flush=True)
-            results.append(measure(case, info))
+            results.append(measure(group[0], info))
+        took, budget_here = time.perf_counter() - group_start, sum(c.budget_s - c.setup_s for c in group)
+        if took > 1.5 * budget_here + 1.0:  # the machine is busier than the plan assumes, or a budget is stale
+            print(f"    took {took:.1f} s against a budget of {budget_here:.1f} s", file=sys.stderr, flush=True)
         i += len(group)
     _add_ratios(results, cases)
     print(format_table(results, info), file=stream)
     for reason in ctx.skipped:
         print(f"skipped: {reason}", file=stream)
+    wall = time.perf_counter() - start
     if save_results and results:
-        json_path, png_path = save(results, info, out_dir or default_out_dir(), ctx.skipped)
+        plan_info = {"name": plan.name, "budget_s": round(budget, 1), "wall_s": round(wall, 1)}
+        json_path, png_path = save(results, info, out_dir, ctx.skipped, plan_info)
         print(f"saved {json_path}" + (f" and {png_path}" if png_path else ""), file=stream)
+    wall = time.perf_counter() - start
+    print(f"{plan.name} plan: {len(results)} cases in {wall:.0f} s (declared budget {budget:.0f} s)", file=stream)
     return results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
-    p.add_argument("--quick", action="store_true", help="fewer and smaller shapes")
-    p.add_argument("--only", metavar="REGEX", help="run only ops matching this regular expression")
-    p.add_argument("--out", metavar="DIR", help="where to write the JSON and PNG (default: bench/results)")
-    p.add_argument("--no-save", action="store_true", help="print the table only")
+    """The flags of ``python -m bench``, which ``gptfast bench`` shares."""
+    p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick plan: fewer and smaller shapes (the default on a CPU)")
+    p.add_argument("--full", action="store_true",
+                   help="the full plan: every shape (the default on a GPU; minutes to hours on a CPU)")
+    p.add_argument("--only", metavar="REGEX", help="run only the ops this regular expression finds, e.g. '^tokenizer'")
+    p.add_argument("--out", metavar="DIR",
+                   help=f"folder for <device>.json and <device>.png (default: ./{OUT_DIR_NAME} in the current "
+                        "folder; bench/results/ in the repository holds only results committed for a named device)")
+    p.add_argument("--no-save", action="store_true", help="print the table only; write nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, each case's time budget and where results would go; run nothing")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Run every gptfast benchmark this device supports.")
+def run_args(args: argparse.Namespace, stream=sys.stdout) -> list[Result]:
+    """``run`` with the flags ``add_arguments`` parsed; the one entry of both command lines."""
+    from gptfast.cli import CommandError
+
+    if args.quick and args.full:
+        raise CommandError("--quick and --full pick one of the two plans; give one of them")
+    quick = True if args.quick else (False if args.full else None)
+    return run(args.device, quick, args.only, args.out, not args.no_save, stream=stream, dry_run=args.dry_run)
+
+
+DESCRIPTION = (
+    "Run every gptfast benchmark this device supports and print one table. On a CPU the quick plan "
+    f"runs by default (its declared budget is at most {CPU_DEFAULT_LIMIT_S:.0f} s on 2 cores); --full "
+    "runs the long one. --dry-run lists the plan with each case's budget. Results go to "
+    f"./{OUT_DIR_NAME}/<device>.json and .png in the current folder unless --out says otherwise."
+)
+
+
+def main(argv=None, prog: str = "python -m bench") -> int:
+    from gptfast.cli import CommandError
+
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(p)
     args = p.parse_args(argv)
-    run(args.device, args.quick, args.only, args.out, not args.no_save)
+    try:
+        run_args(args)
+    except CommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     return 0

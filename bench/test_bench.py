@@ -1,14 +1,15 @@
 """``pytest bench/``: every benchmark case of this device through pytest-benchmark.
 
-Same cases as ``python -m bench`` (see :mod:`bench.harness`); GPU cases synchronize after each call.
+Same cases as ``python -m bench`` with no flags (see :mod:`bench.harness`): the device's default plan,
+the quick one on a CPU. GPU cases synchronize after each call.
 """
 
 import pytest
 
-from .harness import Context, device_info, discover_cases
+from .harness import Context, default_plan, device_info, discover_cases
 
 _INFO = device_info(measure=False)
-_CTX = Context(_INFO.kind, _INFO)
+_CTX = Context(_INFO.kind, _INFO, quick=default_plan(_INFO.kind) == "quick")
 _CASES = discover_cases(_CTX)
 
 
