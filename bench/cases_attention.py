@@ -76,7 +76,12 @@ def _fwd_bwd_case(key, fn, b, t, dtype, p):
     return fwd_bwd
 
 
-def _group(op, t, dtype_name, impls, p=0.0):
+# Seconds to get an implementation ready before its first timed call: torch.compile traces and
+# compiles the reference for each new shape; Triton compiles its kernels once per config.
+SETUP_S = {"torch.compile": 30.0, "triton": 5.0}
+
+
+def _group(op, t, dtype_name, impls, p=0.0, dry_run=False):
     dtype = _DTYPES[dtype_name]
     b = max(1, TOKENS // t)
     flops = 4 * b * HEADS * t * t * HEAD_DIM / 2  # causal forward: QK^T and PV over half the matrix
@@ -86,14 +91,16 @@ def _group(op, t, dtype_name, impls, p=0.0):
         make = _fwd_bwd_case if backward else _fwd_case
         case_fn = make(key, fn, b, t, dtype, p)
         try:
-            case_fn()  # compile / first launch outside the timing; a backend that cannot run is skipped
+            if not dry_run:
+                case_fn()  # compile / first launch outside the timing; a backend that cannot run is skipped
         except (RuntimeError, NotImplementedError, ValueError) as e:
             drop_live_inputs()
             yield ("skip", f"{op} T={t} [{impl}]: {str(e).splitlines()[0][:160]}")
             continue
         yield ("case", Case(op, f"{b}x{HEADS}x{t}x{HEAD_DIM}", impl, case_fn, "TFLOP/s",
                             flops * (3.5 if backward else 1.0), dtype_name, "cuda",
-                            baseline=impl == "sdpa-flash", note=f"causal, p={p}"))
+                            baseline=impl == "sdpa-flash", note=f"causal, p={p}",
+                            call_s=0.05 if impl == "reference" else 0.01, setup_s=SETUP_S.get(impl, 0.5)))
 
 
 def _decode_cases(t_k, arch):
@@ -125,7 +132,8 @@ def _decode_cases(t_k, arch):
                 return fn(*live_inputs(key, setup))
 
         out.append(Case("attention.decode", f"{b}x{HEADS}x1x{t_k}x{HEAD_DIM}", impl, decode, "GB/s", bytes_read,
-                        "bf16", "cuda", baseline=impl == "sdpa", note="KV cache, rows at two lengths"))
+                        "bf16", "cuda", baseline=impl == "sdpa", note="KV cache, rows at two lengths",
+                        setup_s=SETUP_S.get(impl, 0.5)))
     return out
 
 
@@ -145,7 +153,7 @@ def cases(ctx):
     for op, t, p in groups:
         if not ctx.wants(op):
             continue
-        for kind, item in _group(op, t, "bf16", impls, p):
+        for kind, item in _group(op, t, "bf16", impls, p, ctx.dry_run):
             if kind == "skip":
                 ctx.skip(item)
             else:

@@ -67,11 +67,13 @@ def cases(ctx):
                     return torch.autograd.grad(fn(*ts), ts, dy)
 
                 try:
-                    run()  # compile / first launch outside the timing
+                    if not ctx.dry_run:
+                        run()  # compile / first launch outside the timing
                 except (RuntimeError, NotImplementedError, ValueError) as err:
                     drop_live_inputs()
                     ctx.skip(f"{op} E={e} [{impl}]: {str(err).splitlines()[0][:160]}")
                     continue
                 out.append(Case(op, f"{TOKENS}x{e}->{4 * e}", impl, run, "TFLOP/s", flops * (3 if backward else 1),
-                                "bf16", "cuda", baseline=impl == "torch"))
+                                "bf16", "cuda", baseline=impl == "torch",
+                                setup_s={"torch.compile": 30.0, "triton": 5.0}.get(impl, 0.5)))
     return out

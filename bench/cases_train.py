@@ -39,6 +39,8 @@ def cases(ctx):
     from gptfast.train import flops_per_token, matmul_parameters
 
     out = []
+    if not any(ctx.wants(op) for op in ("train.step", "train.step.flops")):
+        return out
     if ctx.device == "cpu":
         cfg = gptfast.GPTConfig(vocab_size=8192, context_length=128, emb_dim=128, n_heads=4,
                                 n_layers=2 if ctx.quick else 4, drop_rate=0.0)
@@ -48,7 +50,8 @@ def cases(ctx):
         idx = torch.randint(0, cfg.vocab_size, (b, cfg.context_length))
         out.append(Case("train.step", f"{b}x{cfg.context_length} E{cfg.emb_dim} L{cfg.n_layers}", "reference",
                         _step_fn(model, idx, "cpu", False, False), "tokens/s", b * cfg.context_length, "fp32", "cpu",
-                        baseline=True, note="forward + backward + clip + AdamW"))
+                        baseline=True, note="forward + backward + clip + AdamW",
+                        call_s=1.0 if ctx.quick else 2.0, setup_s=2.0))
         ctx.skip("train.step at GPT-2 124M, bf16, per backend (and MFU): needs a CUDA GPU")
         return out
 
@@ -61,14 +64,16 @@ def cases(ctx):
         model = gptfast.GPTModel(cfg, backend=backend).cuda()
         step = _step_fn(model, idx, "cuda", True, compiled)
         try:
-            step()  # compile / first launch outside the timing
+            if not ctx.dry_run:
+                step()  # compile / first launch outside the timing
         except (NotImplementedError, RuntimeError) as e:
             ctx.skip(f"train.step [{name}]: {e}")
             continue
         flops = flops_per_token(cfg, matmul_parameters(model)) * b * t
         shape = f"{b}x{t} gpt2"
+        call_s = 0.06 * b  # a 124M step at context 1024 on a recent GPU, generously
         out.append(Case("train.step", shape, name, step, "tokens/s", b * t, "bf16", "cuda",
-                        baseline=name == "reference"))
+                        baseline=name == "reference", call_s=call_s, setup_s=90.0 if compiled else 5.0))
         out.append(Case("train.step.flops", shape, name, step, "TFLOP/s", flops, "bf16", "cuda",
-                        baseline=name == "reference", note="% peak = MFU"))
+                        baseline=name == "reference", note="% peak = MFU", call_s=call_s))
     return out
