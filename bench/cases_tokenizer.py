@@ -10,7 +10,9 @@ Python and the operating system, so it can be rebuilt anywhere without a downloa
 
 Files are taken in sorted order (deterministic) until each third of the target size is full;
 when a source runs short the others fill the gap. The result is cached in the temp directory.
-``python -m bench --only tokenizer`` runs these cases; ``--quick`` uses a 2 MB corpus.
+``python -m bench --only tokenizer`` runs these cases; the quick plan (a CPU's default) uses a 2 MB
+corpus and 0.2 MB single pieces, ``--full`` 32 MB and 1 MB. tiktoken is built from the ranks gptfast
+ships (``gptfast.tokenizer.tiktoken_gpt2``), so no case needs the network.
 """
 
 from __future__ import annotations
@@ -133,29 +135,48 @@ def _describe(docs: list[str]) -> str:
 OPS = ("tokenizer.encode_ordinary", "tokenizer.encode_ordinary_batch", "tokenizer.encode_to_numpy",
        "tokenizer.decode_bytes", "tokenizer.encode_single_piece")
 
+# What each implementation does a second on the shared 2-core machine the CPU plan is sized for, at
+# its slow times (docs/tokenizer.md has the measured figures): it sets each case's declared budget.
+RATE_MBPS = {
+    "tokenizer.encode_ordinary": {"tiktoken": 3.0, "fast": 25.0},
+    "tokenizer.encode_ordinary_batch": {"tiktoken": 3.0, "fast": 25.0},
+    "tokenizer.encode_to_numpy": {"core": 25.0, "fast": 25.0, "tiktoken": 3.0},
+    "tokenizer.decode_bytes": {"tiktoken": 30.0, "fast": 400.0, "fast[1 thread]": 300.0,
+                               "fast[foreign-ints]": 250.0, "fast[array]": 400.0},
+    "single word": {"tiktoken": 0.5, "fast": 5.0, "fast[1 thread]": 5.0},
+    "single number": {"tiktoken": 0.28, "fast": 5.0, "fast[1 thread]": 5.0},
+}
+# Building the corpus from the files (once; it is cached in the temp folder) and loading both
+# vocabularies, on the first case.
+SETUP_S = {"quick": 4.0, "full": 25.0}
+
 
 def cases(ctx: Context) -> list[Case]:
     if not any(ctx.wants(op) for op in OPS):  # building the corpus takes a while: only when asked for
         return []
     try:
-        import tiktoken
+        import tiktoken  # noqa: F401  (the baseline)
     except ImportError:
         ctx.skip("tokenizer: tiktoken is not installed (the baseline)")
         return []
-    from gptfast.tokenizer import Tokenizer, long_piece_threads, set_long_piece_threads
+    from gptfast.tokenizer import Tokenizer, long_piece_threads, set_long_piece_threads, tiktoken_gpt2
 
     try:
         fast = Tokenizer.gpt2(impl="fast")
     except ImportError as e:
         ctx.skip(f"tokenizer: the C++ extension is not built ({e})")
         return []
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tiktoken_gpt2()  # tiktoken's gpt2 encoding from the ranks gptfast ships: no download
     core = fast._core
 
-    docs = corpus(QUICK_SIZE if ctx.quick else FULL_SIZE)
-    text = "\n".join(docs)
-    nbytes = len(text.encode("utf-8"))
-    shape = _describe(docs)
+    size = QUICK_SIZE if ctx.quick else FULL_SIZE
+    if ctx.dry_run:  # the plan only: no corpus is read
+        docs, text, nbytes, shape = [], "", size, f"{size // MB} MB mixed"
+    else:
+        docs = corpus(size)
+        text = "\n".join(docs)
+        nbytes = len(text.encode("utf-8"))
+        shape = _describe(docs)
     out: list[Case] = []
     memo: dict = {}
 
@@ -170,9 +191,11 @@ def cases(ctx: Context) -> list[Case]:
             memo["array"] = fast.encode_to_numpy(text)
         return memo["array"]
 
-    def add(op, impl, fn, work, shape_=shape, baseline=False, note="", unit="MB/s"):
+    def add(op, impl, fn, work, shape_=shape, baseline=False, note="", unit="MB/s", rates=None):
+        rate = (rates or RATE_MBPS[op])[impl] * MB
         out.append(Case(op=op, shape=shape_, impl=impl, fn=fn, unit=unit, work=work, baseline=baseline, note=note,
-                        min_time_s=1.0, interleave=True, min_rounds=7))
+                        min_time_s=1.0, interleave=True, min_rounds=7, call_s=work / rate,
+                        setup_s=0.0 if out else SETUP_S["quick" if ctx.quick else "full"]))
 
     def one_thread(fn):  # for pieces long enough to cut, and sequences long enough to decode in parts
         def run():
@@ -220,17 +243,23 @@ def cases(ctx: Context) -> list[Case]:
 
     def rotating(fn, pieces):  # each call takes the next piece: no call repeats the one before
         turn = itertools.count()
-        return lambda: fn(pieces[next(turn) % len(pieces)])
+        return lambda: fn(pieces()[next(turn) % 4])
 
     # One piece of the pattern each: a run of letters, and a run of digits (GPT-2's number tokens
     # overlap in many ways, so the walk backs up more often than in a word). Every call gets a new
-    # random piece.
+    # random piece; the pieces are drawn on the first call.
     for kind, alphabet, note in (("word", "abcdefghijklmnopqrstuvwxyz", "random a-z"),
                                  ("number", "0123456789", "random 0-9")):
-        pieces = ["".join(rng.choices(alphabet, k=n_word)) for _ in range(4)]
-        wshape = f"{n_word / MB:g} MB single {kind}"
-        add(op, "tiktoken", rotating(enc.encode_ordinary, pieces), n_word, shape_=wshape, baseline=True, note=note)
-        add(op, "fast", rotating(fast.encode_ordinary, pieces), n_word, shape_=wshape, note=f"{note}, {cut}")
+        def pieces(kind=kind, alphabet=alphabet):
+            if kind not in memo:
+                memo[kind] = ["".join(rng.choices(alphabet, k=n_word)) for _ in range(4)]
+            return memo[kind]
+
+        wshape, rates = f"{n_word / MB:g} MB single {kind}", RATE_MBPS[f"single {kind}"]
+        add(op, "tiktoken", rotating(enc.encode_ordinary, pieces), n_word, shape_=wshape, baseline=True, note=note,
+            rates=rates)
+        add(op, "fast", rotating(fast.encode_ordinary, pieces), n_word, shape_=wshape, note=f"{note}, {cut}",
+            rates=rates)
         add(op, "fast[1 thread]", one_thread(rotating(fast.encode_ordinary, pieces)), n_word, shape_=wshape,
-            note=note)
+            note=note, rates=rates)
     return out
