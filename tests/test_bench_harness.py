@@ -1,5 +1,7 @@
 """The benchmark harness and the resource report: they run on a CPU and catch what they should."""
 
+import argparse
+import io
 import json
 import os
 import subprocess
@@ -111,7 +113,201 @@ def test_cli_lists_bench():
     out = subprocess.run([sys.executable, "-m", "gptfast", "--help"], capture_output=True, text=True, check=True)
     assert "bench" in out.stdout
     out = subprocess.run([sys.executable, "-m", "gptfast", "bench", "--help"], capture_output=True, text=True, check=True)
-    assert "--quick" in out.stdout
+    for flag in ("--quick", "--full", "--dry-run", "--only", "--out", "--no-save", "--device"):
+        assert flag in out.stdout
+    assert "./bench-results" in " ".join(out.stdout.split())  # --help says where the results go
+
+
+def test_python_m_bench_and_gptfast_bench_share_their_flags():
+    from gptfast.cli import build_parser
+
+    def flags(parser):
+        return sorted(o for a in parser._actions for o in a.option_strings)
+
+    ours = argparse.ArgumentParser()
+    harness.add_arguments(ours)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert flags(sub.choices["bench"]) == flags(ours)
+
+
+# --- the plans and their budgets --------------------------------------------------------------------
+
+def _listing_only(monkeypatch):
+    """Make every timer, every case function and the tokenizer's corpus fail if anything touches them."""
+    from bench import cases_tokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run timed or built something")
+
+    for name in ("time_cpu", "time_cpu_interleaved", "time_cuda", "measure", "save", "plot",
+                 "measure_copy_bandwidth"):
+        monkeypatch.setattr(harness, name, refuse)
+    monkeypatch.setattr(cases_tokenizer, "corpus", refuse)
+    post_init = Case.__post_init__
+
+    def no_calls(self):
+        post_init(self)
+        self.fn = refuse
+
+    monkeypatch.setattr(Case, "__post_init__", no_calls)
+
+
+def _key(case):
+    return case.op, case.shape, case.dtype, case.impl
+
+
+def test_default_plan_on_a_cpu_is_the_quick_plan(monkeypatch):
+    _listing_only(monkeypatch)
+    default = harness.make_plan("cpu", dry_run=True)
+    quick = harness.make_plan("cpu", quick=True, dry_run=True)
+    full = harness.make_plan("cpu", quick=False, dry_run=True)
+    assert default.name == "quick" and default.ctx.quick
+    assert [_key(c) for c in default.cases] == [_key(c) for c in quick.cases]
+    assert [_key(c) for c in default.cases] != [_key(c) for c in full.cases]
+    ops = {c.op for c in default.cases}
+    assert {"tokenizer.encode_ordinary", "model.train_step", "train.step", "generate"} <= ops
+
+
+def test_default_cpu_plan_declares_a_budget_under_the_limit(monkeypatch):
+    # Declared, not measured: a case added to the default plan must fit here, or go under --full.
+    _listing_only(monkeypatch)
+    plan = harness.make_plan("cpu", dry_run=True)
+    assert harness.CPU_DEFAULT_LIMIT_S == 120.0  # a shared 2-core CPU; README and docs/benchmarks.md say so
+    assert all(c.budget_s > 0 for c in plan.cases)
+    assert plan.budget_s == harness.STARTUP_S + sum(c.budget_s for c in plan.cases)
+    assert plan.budget_s <= harness.CPU_DEFAULT_LIMIT_S, harness.format_plan(plan.cases, plan.name)
+    full = harness.make_plan("cpu", quick=False, dry_run=True)
+    assert full.budget_s > plan.budget_s
+
+
+def test_a_case_budget_follows_the_timer_rules():
+    fn = lambda: None  # noqa: E731
+    slow = Case("op", "s", "i", fn, "MB/s", 1.0, call_s=0.5, setup_s=2.0, min_time_s=1.0, min_rounds=7)
+    assert slow.budget_s == pytest.approx(2.0 + 0.5 + 7 * 0.5)  # warm-up, then seven rounds
+    quick = Case("op", "s", "i", fn, "MB/s", 1.0, call_s=0.01, min_time_s=1.0, min_rounds=7)
+    assert quick.budget_s == pytest.approx(0.01 + 1.0 + 0.01)  # warm-up, then min_time_s and one call past
+    gpu = Case("op", "s", "i", fn, "GB/s", 1.0, device="cuda", call_s=0.001)
+    assert 0.2 < gpu.budget_s < 0.3  # do_bench's 25 ms warm-up and 100 ms of calls
+
+
+def test_dry_run_runs_nothing_and_lists_every_case_with_its_budget(monkeypatch, tmp_path):
+    _listing_only(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    plan = harness.make_plan("cpu", dry_run=True)
+    out = io.StringIO()
+    assert harness.run("cpu", dry_run=True, stream=out) == []
+    text = out.getvalue()
+    rows = [line for line in text.splitlines() if line[:1].isdigit()]
+    assert len(rows) == len(plan.cases)
+    for i, (row, case) in enumerate(zip(rows, plan.cases), 1):
+        assert row.split()[0] == str(i) and f" {case.op} " in row and f" {case.impl} " in row
+        assert f" {case.budget_s:.1f} s" in row
+    assert f"declared budget {plan.budget_s:.0f} s" in text
+    assert "skipped: layer_norm: needs a CUDA GPU" in text
+    assert str(tmp_path / "bench-results") in text  # where a real run would write
+    assert os.listdir(tmp_path) == []  # and nothing was written
+
+
+def test_results_go_to_bench_results_in_the_current_folder(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    assert harness.default_out_dir() == os.path.join(REPO, "bench-results")  # not bench/results
+    monkeypatch.chdir(tmp_path)
+    assert harness.default_out_dir() == str(tmp_path / "bench-results")
+    tiny = [Case("op.tiny", "n", "a", lambda: None, "MB/s", 1e3, baseline=True, min_time_s=0.01),
+            Case("op.tiny", "n", "b", lambda: None, "MB/s", 1e3, min_time_s=0.01)]
+    monkeypatch.setattr(harness, "discover_cases", lambda ctx, progress=None: list(tiny))
+    monkeypatch.setattr(harness, "plot", lambda results, info, path: open(path, "wb").close())
+    results = harness.run("cpu")
+    assert [r.impl for r in results] == ["a", "b"]
+    saved = os.listdir(tmp_path / "bench-results")
+    assert len(saved) == 2 and any(f.endswith(".json") for f in saved)
+    data = json.load(open(tmp_path / "bench-results" / next(f for f in saved if f.endswith(".json"))))
+    assert data["plan"]["name"] == "quick" and data["plan"]["budget_s"] > 0
+    err = capsys.readouterr().err
+    assert "[1/2] op.tiny n - [a]" in err and "[2/2] op.tiny n - [b]" in err  # progress on stderr
+
+
+def test_the_tokenizer_cases_need_no_download(monkeypatch):
+    pytest.importorskip("tiktoken")
+    import tiktoken
+
+    from bench import cases_tokenizer
+
+    def offline(name):
+        raise AssertionError(f"tiktoken.get_encoding({name!r}) would download when its cache is empty")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    ctx = Context("cpu", DeviceInfo("cpu", "x", "x"), quick=True, dry_run=True)
+    picked = cases_tokenizer.cases(ctx)
+    if not picked:
+        pytest.skip(reason=f"no tokenizer cases here: {ctx.skipped}")
+    assert {c.op for c in picked} == set(cases_tokenizer.OPS)
+
+
+def test_dry_run_offline_from_any_folder(tmp_path):
+    # As on a machine without internet and with an empty tiktoken cache: the plan still lists.
+    env = dict(_env_without_interpreter(), PYTHONPATH=os.path.join(REPO, "tests", "offline"),
+               TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"))
+    out = subprocess.run([sys.executable, "-m", "gptfast", "bench", "--dry-run", "--only", "^tokenizer"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "tokenizer.encode_ordinary" in out.stdout and "tiktoken" in out.stdout
+    assert str(tmp_path / "bench-results") in out.stdout
+    assert sorted(os.listdir(tmp_path)) == ["empty-cache"] or os.listdir(tmp_path) == []
+
+
+# --- bad input: one line, exit 2, before anything runs -------------------------------------------------
+
+def _bad_inputs(tmp_path):
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    cases = [
+        (["--device", "mps"], "mps"),
+        (["--device", "banana"], "banana"),
+        (["--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
+        (["--only", "("], "not a regular expression"),
+        (["--only", "no-such-op"], "matches no benchmark"),
+        (["--only", "^layer_norm", "--device", "cpu"], "needs a CUDA GPU"),
+        (["--out", str(a_file)], "is a file"),
+        (["--out", str(a_file / "sub")], "is a file"),
+        (["--quick", "--full"], "one of them"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU"))
+    return cases
+
+
+def _one_error_line(err, prog, expected):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: --") and expected in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from gptfast import cli
+
+    monkeypatch.chdir(tmp_path)
+    for argv, expected in _bad_inputs(tmp_path):
+        assert harness.main(argv) == 2, argv
+        captured = capsys.readouterr()
+        _one_error_line(captured.err, "python -m bench", expected)
+        assert cli.main(["bench", *argv]) == 2, argv
+        captured = capsys.readouterr()
+        _one_error_line(captured.err, "gptfast bench", expected)
+        assert "results.json" in os.listdir(tmp_path) and not os.path.exists(tmp_path / "bench-results")
+
+
+@pytest.mark.parametrize("command", [["-m", "bench"], ["-m", "gptfast", "bench"]],
+                         ids=["python -m bench", "gptfast bench"])
+def test_bad_device_exits_2_with_one_line(command):
+    out = subprocess.run([sys.executable, *command, "--device", "banana"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and out.stdout == ""
+    prog = "python -m bench" if command[1] == "bench" else "gptfast bench"
+    _one_error_line(out.stderr, prog, "banana")
 
 
 PROBE = """
