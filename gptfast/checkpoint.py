@@ -9,9 +9,11 @@ temporary name and renamed, so a crash mid-write never leaves a half-written fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import tempfile
 
 import torch
 
@@ -20,13 +22,51 @@ CONFIG_FILE = "config.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: a missing, truncated or corrupt file. The message names the
+    file, what is wrong with it and what to pass instead."""
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Write ``path`` through a temporary file beside it, renamed into place only once complete.
+
+    The file gets the permissions of a file created the ordinary way (``0o666 & ~umask``), not
+    ``mkstemp``'s 0600. A failure removes the temporary file and leaves any old ``path`` untouched.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -85,36 +125,86 @@ def is_model_folder(folder: str) -> bool:
     path = os.path.join(folder, CONFIG_FILE)
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, MODEL_FILE))):
         return False
-    with open(path) as f:
-        return "emb_dim" in json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True  # a damaged config: reading the folder as ours reports what is wrong with it
+    return isinstance(raw, dict) and "emb_dim" in raw
+
+
+def _lacks(folder: str, name: str) -> CheckpointError:
+    return CheckpointError(f"{folder} lacks {name}: a gptfast checkpoint folder holds {CONFIG_FILE} (the model "
+                           f"config) and {MODEL_FILE} (the weights); restore it, or pass another step-N folder")
+
+
+def read_raw_config(folder: str) -> dict:
+    """``folder/config.json`` as a dict; :class:`CheckpointError` when it is missing or not a JSON object."""
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise _lacks(folder, CONFIG_FILE) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON, so the checkpoint is corrupt ({e}); pass another "
+                              f"step-N folder") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not the model config object")
+    return raw
 
 
 def read_config(folder: str):
     from .config import GPTConfig
 
-    path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: a gptfast model folder holds {CONFIG_FILE} and {MODEL_FILE}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    raw = read_raw_config(folder)
     fields = set(GPTConfig.__dataclass_fields__)
-    return GPTConfig.coerce({k: v for k, v in raw.items() if k in fields})
+    try:
+        return GPTConfig.coerce({k: v for k, v in raw.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(folder, CONFIG_FILE)} is not a usable model config: {e}") from None
+
+
+def _safetensors_problem(e: Exception) -> str:
+    return str(e).replace("Error while deserializing header: ", "").strip()
+
+
+def check_weights_file(folder: str) -> None:
+    """Raise :class:`CheckpointError` unless ``folder/model.safetensors`` exists and its header is whole
+    (a truncated or overwritten file fails here, before any tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(folder, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise _lacks(folder, MODEL_FILE)
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt, not a readable safetensors file "
+                              f"({_safetensors_problem(e)})") from None
+
+
+def load_safetensors(path: str, device="cpu") -> dict:
+    """``safetensors.torch.load_file`` with a :class:`CheckpointError` naming the file when it is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt, not a readable safetensors file "
+                              f"({_safetensors_problem(e)})") from None
 
 
 def load_model(folder: str, backend=None, device="cpu"):
     """Build a :class:`~gptfast.GPTModel` from a gptfast model folder (strict: every tensor must match)."""
-    from safetensors.torch import load_file
-
     from .model import GPTModel
 
     cfg = read_config(folder)
+    check_weights_file(folder)
     path = os.path.join(folder, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: a gptfast model folder holds {CONFIG_FILE} and {MODEL_FILE}")
-    state = load_file(path, device=str(device))
+    state = load_safetensors(path, device=device)
     with torch.device("meta"):
         model = GPTModel(cfg, backend=backend)
     load_state_dict_checked(model, state, source=path)

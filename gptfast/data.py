@@ -129,6 +129,18 @@ def write_shards(documents, folder: str, tokenizer_name: str, n_vocab: int, eot_
     tmp = f"{folder.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        meta = _write_shards_into(tmp, documents, tokenizer_name, n_vocab, eot_token, shard_tokens, extra_meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half data set behind
+        raise
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return meta
+
+
+def _write_shards_into(tmp, documents, tokenizer_name, n_vocab, eot_token, shard_tokens, extra_meta):
     shards, pending, pending_n, total = [], [], 0, 0
 
     def flush():
@@ -158,13 +170,10 @@ def write_shards(documents, folder: str, tokenizer_name: str, n_vocab: int, eot_
     meta.update(extra_meta or {})
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
     return meta
 
 
-def _fingerprint(paths) -> list:
+def _stat_sources(paths) -> list:
     out = []
     for p in paths:
         st = os.stat(p)
@@ -172,23 +181,50 @@ def _fingerprint(paths) -> list:
     return out
 
 
+def decode_utf8(data: bytes, path) -> str:
+    """``data.decode("utf-8")``, or a :class:`DataError` naming the file, the byte and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e.start, data.count(b"\n", 0, e.start) + 1, e.reason) from None
+
+
+def not_utf8(path, byte: int, line: int, reason: str) -> DataError:
+    """The error for a file that is not UTF-8 at ``byte`` (0-based) on ``line`` (1-based)."""
+    return DataError(f"{path} is not UTF-8 text (byte {byte:,}, line {line:,}: {reason}); convert it to UTF-8 "
+                     f"first, e.g. with `iconv -f latin1 -t utf-8`")
+
+
 def tokenize_text_files(paths, folder: str, tokenizer=None, shard_tokens: int = 100_000_000) -> "TokenShards":
     """Tokenize plain text files (one document each) into shards in ``folder``; reuse them when the
-    files have not changed since (same paths, sizes and modification times)."""
+    files have not changed since (same paths, sizes and modification times).
+
+    ``meta.json``'s ``sources`` records each file's path, size, modification time and the sha256 of
+    its bytes (what :func:`data_sources` reports). A file that is not UTF-8 raises :class:`DataError`
+    naming it, and leaves ``folder`` as it was.
+    """
     tokenizer = default_tokenizer() if tokenizer is None else tokenizer
-    sources = _fingerprint(paths)
+    sources = _stat_sources(paths)
     meta_path = os.path.join(folder, META_FILE)
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old.get("sources") == sources and old.get("tokenizer") == _tokenizer_name(tokenizer):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}  # a damaged cache is rebuilt
+        recorded = [{k: v for k, v in s.items() if k != "sha256"} for s in old.get("sources", [])
+                    if isinstance(s, dict)]
+        hashed = all(isinstance(s, dict) and "sha256" in s for s in old.get("sources", []))
+        if recorded == sources and hashed and old.get("tokenizer") == _tokenizer_name(tokenizer):
             return TokenShards(folder)
     check_vocab(tokenizer.n_vocab, "tokenizer")
 
     def documents():
-        for p in paths:
-            with open(p, encoding="utf-8") as f:
-                text = f.read()
+        for p, source in zip(paths, sources):
+            with open(p, "rb") as f:
+                data = f.read()
+            source["sha256"] = hashlib.sha256(data).hexdigest()
+            text = decode_utf8(data, p)
             yield np.asarray(tokenizer.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.int64)
 
     write_shards(documents(), folder, _tokenizer_name(tokenizer), tokenizer.n_vocab, tokenizer.eot_token,
@@ -349,9 +385,29 @@ def open_token_data(paths, cache_folder: str, tokenizer=None):
     return datasets
 
 
-def data_fingerprint(datasets) -> str:
-    """A short hash of which shards are read (to warn when a resumed run reads other data)."""
-    h = hashlib.sha256()
+def data_sources(datasets) -> list[dict]:
+    """What the data was made from, ``[{"path", "sha256"}]``: each text file's path and the hash of its
+    bytes where the shards' ``meta.json`` records them, else the shard folder and a hash of its meta
+    and shard sizes. A run keeps this list, so a resumed run can say which input changed."""
+    out = []
     for d in datasets:
-        h.update(json.dumps([d.meta.get("shards"), d.num_tokens, d.meta.get("tokenizer")]).encode())
+        listed = d.meta.get("sources", [])
+        hashes = d.meta.get("source_sha256")  # `gptfast tokenize` lists paths, and their hashes beside them
+        if listed and isinstance(hashes, list) and len(hashes) == len(listed):
+            out += [{"path": str(p), "sha256": h} for p, h in zip(listed, hashes)]
+            continue
+        if listed and all(isinstance(s, dict) and "sha256" in s for s in listed):
+            out += [{"path": s["path"], "sha256": s["sha256"]} for s in listed]
+            continue
+        h = hashlib.sha256(json.dumps([d.meta.get("tokenizer"), d.meta.get("n_vocab"), d.meta.get("shards"),
+                                       [int(a.shape[0]) for a in d.arrays], d.meta.get("sources")]).encode())
+        out.append({"path": os.path.abspath(d.folder), "sha256": h.hexdigest()})
+    return out
+
+
+def data_fingerprint(datasets) -> str:
+    """A short hash of the data (see :func:`data_sources`): equal exactly when the inputs are."""
+    h = hashlib.sha256()
+    for d, source in zip(datasets, [data_sources([d]) for d in datasets]):
+        h.update(json.dumps([source, d.num_tokens, d.meta.get("tokenizer")]).encode())
     return h.hexdigest()[:16]

@@ -26,13 +26,14 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .checkpoint import latest_checkpoint, step_dirs  # noqa: F401  (also part of this module's API)
+from .checkpoint import CheckpointError, latest_checkpoint, step_dirs  # noqa: F401  (also part of this module's API)
 from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 
 STATE_FILE = "trainer_state.pt"
@@ -226,16 +227,72 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=None):
 
 
 
+ACCEPTED_CHECKPOINTS = (f"a training run folder (its newest step-N is used), one of its step-N folders, "
+                        f"or the {checkpoint.MODEL_FILE} inside one")
+
+
 def resolve_checkpoint(path: str) -> str:
-    """A run folder (its latest step) or one step folder -> the step folder; a clear error otherwise."""
+    """A run folder (its latest step), one step folder, or the weights file inside one -> the step
+    folder; a clear error otherwise (a missing path, a file that is no checkpoint, a run without steps)."""
+    if os.path.isfile(path):
+        if os.path.basename(path) in (checkpoint.MODEL_FILE, checkpoint.CONFIG_FILE):
+            return os.path.dirname(path) or "."
+        raise CheckpointError(f"{path} is a file, not a loadable checkpoint: pass {ACCEPTED_CHECKPOINTS}")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a training run folder or one of its step-N folders")
-    if os.path.isfile(os.path.join(path, checkpoint.MODEL_FILE)):
-        return path
+        raise FileNotFoundError(f"{path} does not exist: pass {ACCEPTED_CHECKPOINTS}")
+    if os.path.exists(os.path.join(path, checkpoint.MODEL_FILE)) or \
+            os.path.exists(os.path.join(path, checkpoint.CONFIG_FILE)):
+        return path  # a step folder; loading it names a missing or damaged file
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (no step-N folder with {checkpoint.MODEL_FILE})")
+        raise CheckpointError(f"{path} holds no checkpoint (no step-N folder with {checkpoint.MODEL_FILE}): "
+                              f"pass {ACCEPTED_CHECKPOINTS}")
     return latest
+
+
+def load_trainer_state(folder: str, mmap: bool = False) -> dict:
+    """``folder/trainer_state.pt`` (tensors only, ``weights_only=True``); :class:`CheckpointError` when it
+    is missing, truncated or not a trainer state. ``mmap`` reads only the file's index (a cheap check)."""
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} lacks {STATE_FILE}: it holds weights but no trainer state to resume "
+                              f"from (generate and from_pretrained can still read it)")
+    damaged = f"{path} is truncated or corrupt, not a readable trainer state"
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{damaged} (it is not the zip archive torch.save writes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a zip error (RuntimeError), EOFError, an UnpicklingError: all mean a damaged file
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"{damaged} ({detail})") from None
+    missing = [k for k in ("step", "optimizer", "scheduler") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a trainer state: it lacks {', '.join(missing)}")
+    return state
+
+
+def check_resumable(folder: str) -> None:
+    """Raise :class:`CheckpointError` unless ``folder`` has a readable config, weights and trainer state
+    (file headers only: quick even for a large model)."""
+    checkpoint.read_config(folder)
+    checkpoint.check_weights_file(folder)
+    load_trainer_state(folder, mmap=True)
+
+
+def resumable_checkpoint(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest step folder of ``run_dir`` that loads, and ``(folder, why)`` for each newer one skipped.
+
+    Skipped folders are left as they are; a resumed run replaces them when it saves their step again.
+    """
+    skipped = []
+    for _, folder in reversed(step_dirs(run_dir)):
+        try:
+            check_resumable(folder)
+        except CheckpointError as e:
+            skipped.append((folder, str(e)))
+            continue
+        return folder, skipped
+    return None, skipped
 
 
 def _param_names(model, optimizer):
@@ -260,9 +317,21 @@ def _optimizer_state_by_index(model, optimizer, state):
 
 
 def _torch_save_atomic(obj, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with checkpoint.atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _data_changes(saved: dict, ours: dict) -> str:
+    """Which inputs differ between two ``data`` records (``sources``: ``[{"path", "sha256"}]``), in words."""
+    before = {s["path"]: s.get("sha256") for s in saved.get("sources", [])}
+    now = {s["path"]: s.get("sha256") for s in ours.get("sources", [])}
+    parts = []
+    changed = [p for p in before if p in now and before[p] != now[p]]
+    for label, paths in (("changed", changed), ("added", [p for p in now if p not in before]),
+                         ("no longer given", [p for p in before if p not in now])):
+        if paths:
+            parts.append(f"{label}: {', '.join(paths)}")
+    return "; ".join(parts) or "the tokens differ"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,8 +405,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_iters", "keep_last", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.lr <= 0 or self.clip < 0 or self.weight_decay < 0:
-            raise ValueError("warmup, weight_decay and clip must be >= 0 and lr > 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("warmup", "weight_decay", "clip", "min_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {self.save_every}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
 
@@ -429,8 +505,6 @@ class Trainer:
         self.peak = _peak_tflops(self.device, self.dtype_name)
 
     def _load_weights(self, folder):
-        from safetensors.torch import load_file
-
         saved = checkpoint.read_config(folder)
         ours = self.model.cfg
         diff = [f"{k} (checkpoint {v!r}, this run {getattr(ours, k)!r})" for k, v in saved.to_dict().items()
@@ -438,12 +512,10 @@ class Trainer:
         if diff:
             raise TrainingError(f"{folder} was written for another model config; it differs in " + ", ".join(diff)
                                 + ". Resume with the same --model / size flags, or train into a new --out folder")
-        state_path = os.path.join(folder, STATE_FILE)
-        if not os.path.isfile(state_path):
-            raise TrainingError(f"{state_path} is missing: {folder} holds weights but no trainer state to resume from")
-        tensors = load_file(os.path.join(folder, checkpoint.MODEL_FILE), device=str(self.device))
+        state = load_trainer_state(folder)
+        checkpoint.check_weights_file(folder)
+        tensors = checkpoint.load_safetensors(os.path.join(folder, checkpoint.MODEL_FILE), device=self.device)
         checkpoint.load_state_dict_checked(self.model, tensors, source=folder)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
         self.start_step = int(state["step"])
         return state
 
@@ -474,6 +546,10 @@ class Trainer:
             if key(saved) is not None and key(saved) != key(ours) and self.is_main:
                 print(f"warning: the checkpoint was trained with {what} {key(saved)}, this run uses {key(ours)}; "
                       f"it goes on, but does not read the batches the first run would have", file=sys.stderr)
+        if "data_sha256" in saved and saved["data_sha256"] != ours.get("data_sha256") and self.is_main:
+            print(f"warning: the training data changed since this run started ({_data_changes(saved, ours)}); "
+                  f"it goes on with the data as it is now, so it will not match an uninterrupted run",
+                  file=sys.stderr)
 
     def _data_state(self):
         return {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
@@ -633,11 +709,9 @@ class Trainer:
         ax.set_ylabel("loss")
         ax.legend(loc="upper right")
         fig.tight_layout()
-        path = os.path.join(self.cfg.out_dir, PLOT_FILE)
-        tmp = f"{path}.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with checkpoint.atomic_open(os.path.join(self.cfg.out_dir, PLOT_FILE), "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)
 
     def _sample(self, bar):
         if self.tokenizer is None or self.cfg.sample_tokens <= 0 or self.cfg.fsdp:
@@ -703,7 +777,9 @@ class Trainer:
         }
         _torch_save_atomic(state, os.path.join(tmp, STATE_FILE))
         checkpoint.publish_dir(tmp, final)  # the same step written again (a resumed run) is swapped in whole
-        for _, path in step_dirs(out)[: -self.cfg.keep_last]:
+        # Only steps up to this one count: a newer step folder (one a resume skipped as unreadable) is
+        # left alone until this run writes that step again.
+        for _, path in [d for d in step_dirs(out) if d[0] <= step][: -self.cfg.keep_last]:
             shutil.rmtree(path)
         barrier()
         return final

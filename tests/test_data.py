@@ -105,6 +105,25 @@ def test_text_files_are_tokenized_once_and_cached(tmp_path, tok):
     assert (tmp_path / "cache" / "meta.json").stat().st_mtime_ns == mtime  # reused, not rewritten
 
 
+def test_text_sources_are_hashed_and_bad_utf8_is_named(tmp_path, tok):
+    import hashlib
+
+    from gptfast.data import data_fingerprint, data_sources
+
+    good, bad = tmp_path / "a.txt", tmp_path / "b.txt"
+    good.write_text("First document.", encoding="utf-8")
+    bad.write_bytes(b"ok\nline two \xff\n")
+    shards = tokenize_text_files([str(good)], str(tmp_path / "cache"), tok)
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    assert data_sources([shards]) == [{"path": str(good.resolve()), "sha256": digest}]
+    before = data_fingerprint([shards])
+    good.write_text("First Document.", encoding="utf-8")  # same length, other bytes
+    assert data_fingerprint([tokenize_text_files([str(good)], str(tmp_path / "cache"), tok)]) != before
+    with pytest.raises(DataError, match=r"b\.txt is not UTF-8 text \(byte 12, line 2: invalid start byte\)"):
+        tokenize_text_files([str(good), str(bad)], str(tmp_path / "other"), tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "cache"]  # no other.tmp-N
+
+
 def test_bad_data_is_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         open_token_data([str(tmp_path / "missing.txt")], str(tmp_path / "c"))
