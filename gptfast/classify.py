@@ -88,6 +88,14 @@ def _label_ids(values, labels, num_classes, where):
         return ids, names
     if all(i is not None for i in ints):
         ids, names = ints, None
+        found = sorted(set(ids))
+        if num_classes is None and found != list(range(len(found))) and min(found) >= 0:
+            shown = ", ".join(map(str, found[:20])) + (", ..." if len(found) > 20 else "")
+            raise DatasetError(
+                f"{where}: the labels found are {shown}, but integer labels are class ids and must run "
+                f"0..n-1 with none missing (0..{len(found) - 1} for {len(found)} classes); renumber them, write "
+                f"them as names (text labels are mapped to ids and stored with the run), or pass "
+                f"num_classes (--num-classes) if some classes are absent from this file")
     else:  # text labels ("spam", "ham"): classes in sorted order
         names = sorted({str(v).strip() for v in values})
         index = {n: i for i, n in enumerate(names)}
@@ -269,10 +277,38 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
     return train_losses, val_losses, train_accs, val_accs, examples_seen
 
 
+_BOOK_LABELS = ("not spam", "spam")
+
+
+def load_classifier(path, backend=None, *, device="cpu", dtype=None):
+    """A classifier fine-tuned by ``gptfast finetune classify`` (a run folder or one step folder), with
+    what its run stored: ``model.labels`` (the class names, or None for integer labels; what
+    :func:`classify_review` answers with), ``model.pad_token_id`` and ``model.max_length``."""
+    from . import checkpoint
+    from .weights import from_pretrained
+
+    path = os.fspath(path)
+    folder = path if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)) else checkpoint.latest_checkpoint(path)
+    model = from_pretrained(path, backend, device=device, dtype=dtype)
+    raw = checkpoint.read_raw_config(folder) if folder is not None else {}
+    if raw.get("task") != "classify":
+        raise DatasetError(f"{path} is not a classifier run (its config.json has task {raw.get('task')!r}); "
+                           f"pass a folder written by `gptfast finetune classify`")
+    model.labels = raw.get("labels")
+    model.pad_token_id = raw.get("pad_token_id", PAD_TOKEN_ID)
+    model.max_length = raw.get("max_length")
+    return model
+
+
 def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=PAD_TOKEN_ID,
-                    labels=("not spam", "spam")):
+                    labels=_BOOK_LABELS):
     """Classify one text; returns ``labels[class]`` (the book's "spam"/"not spam"), or the class id
-    with ``labels=None``. The text is cut to ``min(max_length, context_length)`` tokens."""
+    with ``labels=None``. The text is cut to ``min(max_length, context_length)`` tokens.
+
+    A model from :func:`load_classifier` (or :func:`gptfast.finetune.finetune_classifier`) trained on
+    text labels answers with its own class names unless ``labels`` is given."""
+    if labels is _BOOK_LABELS and getattr(model, "labels", None):
+        labels = model.labels
     model.eval()
     input_ids = tokenizer.encode(text)
     if not input_ids:

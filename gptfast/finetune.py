@@ -69,6 +69,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 def save_finetuned(model, folder: str, extra_config: dict) -> None:
@@ -173,6 +177,16 @@ def _load_base(base, drop_rate, backend, device):
     return from_pretrained(base, backend, drop_rate=drop_rate, device=device)
 
 
+def _check_vocabulary(model, tokenizer, base):
+    """The tokenizer's ids must all be rows of the model's embedding (GPT-2's 50,257 for GPT-2's tokenizer)."""
+    n_vocab = getattr(tokenizer, "n_vocab", None)
+    if n_vocab is not None and model.cfg.vocab_size < n_vocab:
+        where = f" {os.fspath(base)}" if base is not None else ""
+        raise ValueError(f"the base model{where} has a vocabulary of "
+                         f"{model.cfg.vocab_size} ids, but the tokenizer's ids go up to {n_vocab - 1}; fine-tune a "
+                         f"model trained with this tokenizer (GPT-2's, for the gpt2 names)")
+
+
 def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text_column="Text", label_column="Label",
                         num_classes=None, max_length=None, val_data=None, val_fraction=0.1, trainable_blocks=1,
                         backend=None, model=None):
@@ -184,6 +198,7 @@ def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text
     train_set = ClassificationDataset(data, tokenizer, max_length=max_length, **kw)  # bad data fails before loading
     if model is None:
         model = _load_base(base, 0.0, backend, cfg.device)
+    _check_vocabulary(model, tokenizer, base)
     context = model.cfg.context_length
     if max_length is not None and max_length > context:
         raise ValueError(f"max_length {max_length} exceeds the model's context_length {context}")
@@ -214,6 +229,7 @@ def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text
         return {"val_accuracy": calc_accuracy_loader(val_loader, m, cfg.device, cfg.eval_iters, pad)}
 
     history = fit(model, train_loader, val_loader, lambda x, y, m, d: loss(x, y, m, d), cfg, extra, accuracy)
+    model.labels = labels  # the class names (None for integer labels), as config.json keeps them
     return model, history
 
 
@@ -229,6 +245,7 @@ def finetune_instructions(base, data, cfg: FinetuneConfig, *, tokenizer=None, ma
     entries = load_instruction_data(data) if isinstance(data, (str, os.PathLike)) else list(data)
     if model is None:
         model = _load_base(base, 0.0, backend, cfg.device)
+    _check_vocabulary(model, tokenizer, base)
     allowed = min(max_length or model.cfg.context_length, model.cfg.context_length)
     train_idx, val_idx = _split(len(entries), val_fraction, cfg.seed)
     train_set = InstructionDataset([entries[i] for i in train_idx], tokenizer)

@@ -87,6 +87,14 @@ def test_bad_classification_data_is_named(tmp_path, tok):
         ClassificationDataset(tmp_path / "missing.csv", tok)
 
 
+def test_integer_labels_are_class_ids_without_gaps(tmp_path, tok):
+    path = write_csv(tmp_path / "gap.csv", [(0, "a"), (1, "b"), (5, "c")])
+    with pytest.raises(DatasetError, match=r"the labels found are 0, 1, 5, .*\(0\.\.2 for 3 classes\)"):
+        ClassificationDataset(path, tok)
+    assert ClassificationDataset(path, tok, num_classes=6).num_classes == 6  # said outright: some are absent
+    assert ClassificationDataset(write_csv(tmp_path / "ok.csv", [(2, "a"), (0, "b"), (1, "c")]), tok).num_classes == 3
+
+
 def test_prepare_for_classification_trains_the_books_parts():
     model = prepare_for_classification(tiny_model(), num_classes=3)
     assert model.out_head.weight.shape == (3, 32) and model.out_head.bias is not None
