@@ -5,19 +5,48 @@ Each subcommand lives in ``gptfast/commands/<name>.py`` and defines::
     HELP = "one line for the overview"
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
     def run(args: argparse.Namespace) -> int: ...   # the exit code
+
+Exit codes: 0 done; 2 bad input (a flag, a path, the data, a corrupt checkpoint), raised as
+:class:`CommandError` and printed as one line; 1 a failure during the run (any other exception),
+printed as one line naming the exception; 130 interrupted. ``GPTFAST_DEBUG=1`` prints the traceback
+as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 SUBCOMMANDS = ("bench", "tokenize", "train", "generate", "finetune")
 
 
+DEBUG_ENV = "GPTFAST_DEBUG"
+
+
 class CommandError(Exception):
     """A user-facing failure: printed as ``gptfast <cmd>: error: <message>`` with exit code 2."""
+
+
+def debugging() -> bool:
+    """True when ``GPTFAST_DEBUG`` asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no", "off")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def as_flag_error(error: Exception, fields) -> CommandError:
+    """A config's ``"name must be ..."`` error in the words of the command line: ``"--name must be ..."``
+    (``fields``: the config's field names, each spelt like its flag with ``_`` for ``-``)."""
+    text = str(error)
+    name = text.split(" ", 1)[0]
+    if name in fields:
+        text = f"--{name.replace('_', '-')}{text[len(name):]}"
+    return CommandError(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +74,20 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except CommandError as e:
-        print(f"gptfast {args.command}: error: {e}", file=sys.stderr)
+        if debugging():
+            traceback.print_exc()
+        print(f"gptfast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gptfast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure nobody foresaw: one line, the traceback on request
+        if debugging():
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+        hint = "" if debugging() else f" (set {DEBUG_ENV}=1 for the traceback)"
+        print(f"gptfast {args.command}: failed: {type(e).__name__}: {first}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
