@@ -6,7 +6,8 @@
 * ``shared_data`` finds the book's small data sets: ``$GPTFAST_TEST_DATA`` or ``../shared/data`` beside
   the repository; tests that need them skip with a reason when they are absent.
 * ``TIKTOKEN_CACHE_DIR`` is pointed at a cache found there (a copy, so tiktoken never writes into it),
-  letting ``tiktoken.get_encoding("gpt2")`` work offline.
+  letting ``tiktoken.get_encoding("gpt2")`` work offline; with no cache and no network, tiktoken's
+  encoder is built over the ranks the package ships instead (see ``_tiktoken_gpt2_offline``).
 """
 
 import os
@@ -47,6 +48,31 @@ if "TIKTOKEN_CACHE_DIR" in os.environ or (DATA_DIR is not None and (DATA_DIR / "
         _cache = tempfile.mkdtemp(prefix="gptfast-tiktoken-cache-")
         shutil.copytree(src, _cache, dirs_exist_ok=True)
         os.environ["TIKTOKEN_CACHE_DIR"] = _cache
+
+
+def _tiktoken_gpt2_offline() -> None:
+    """Make ``tiktoken.get_encoding("gpt2")`` work on a machine with neither network nor tiktoken cache.
+
+    tiktoken (the oracle) normally downloads GPT-2's files or reads its cache. When it cannot, its own
+    ``Encoding`` is built over the r50k_base ranks gptfast ships (OpenAI's file, the sha256 tiktoken
+    itself checks for r50k_base) and registered under "gpt2", so the oracle is still tiktoken's
+    encoder; ``GPTFAST_TIKTOKEN_FROM_PACKAGE=1`` then tells tests that compare the two loads to skip.
+    """
+    try:
+        import tiktoken
+        import tiktoken.registry
+    except ImportError:
+        return
+    try:
+        tiktoken.get_encoding("gpt2")
+    except Exception:
+        from gptfast.tokenizer import tiktoken_gpt2
+
+        tiktoken.registry.ENCODINGS["gpt2"] = tiktoken_gpt2()
+        os.environ["GPTFAST_TIKTOKEN_FROM_PACKAGE"] = "1"
+
+
+_tiktoken_gpt2_offline()
 
 import pytest  # noqa: E402
 

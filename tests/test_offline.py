@@ -77,6 +77,9 @@ def test_shipped_ranks_are_r50k_base():
 def test_tiktoken_gpt2_is_tiktokens_encoding():
     """The offline oracle is tiktoken's own gpt2 encoding: compared field by field and on text."""
     tiktoken = pytest.importorskip("tiktoken")
+    if os.environ.get("GPTFAST_TIKTOKEN_FROM_PACKAGE"):
+        pytest.skip(reason="tiktoken's own gpt2 files are not cached here and there is no network: "
+                           "set TIKTOKEN_CACHE_DIR to a cache holding them")
     try:
         theirs = tiktoken.get_encoding("gpt2")
     except Exception as e:  # no cache and no network
