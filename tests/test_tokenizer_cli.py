@@ -1,5 +1,6 @@
 """``gptfast tokenize``: shards hold exactly tiktoken's ids with the eot token after each document."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -41,7 +42,8 @@ def test_tokenize_shards_match_tiktoken(tmp_path, shared_data, chunk, capsys):
     assert meta["tokenizer"] == "gpt2" and meta["n_vocab"] == 50257 and meta["eot_token"] == 50256
     assert meta["dtype"] == "uint16"
     assert all(n == 1000 for n in meta["shard_tokens"][:-1])
-    assert not list(out.glob("*.tmp"))
+    assert meta["source_sha256"] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", *meta["shards"]]  # no temporary files
 
 
 def test_tokenize_errors(tmp_path, capsys):

@@ -24,7 +24,7 @@ def _common(p, epochs, data_help):
                    help="train LoRA adapters of rank R instead of the layers themselves (appendix E uses 16)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (default 16)")
     p.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: context_length)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     p.add_argument("--backend", default=None, help="ops backend: auto, reference or triton")
     p.add_argument("--seed", type=int, default=123, help="random seed (default 123)")
     p.add_argument("--keep-last", type=int, default=1, help="step-N checkpoints to keep, newest first (default 1)")
@@ -46,32 +46,54 @@ def add_arguments(parser):
     i.add_argument("--max-new-tokens", type=int, default=256, help="longest generated response (default 256)")
 
 
+def _config(args, device):
+    """The run's FinetuneConfig; a bad flag is named as the flag."""
+    from gptfast.cli import as_flag_error
+    from gptfast.finetune import FinetuneConfig
+
+    try:
+        return FinetuneConfig(out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              weight_decay=args.weight_decay, eval_every=args.eval_every, eval_iters=args.eval_iters,
+                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed,
+                              device=str(device), progress=not args.no_progress, keep_last=args.keep_last)
+    except ValueError as e:
+        raise as_flag_error(e, FinetuneConfig.__dataclass_fields__) from None
+
+
 def run(args):
-    import torch
+    import os
 
     from gptfast.classify import DatasetError
     from gptfast.cli import CommandError
-    from gptfast.finetune import FinetuneConfig, finetune_classifier, finetune_instructions
+    from gptfast.devices import check_backend, resolve_device
+    from gptfast.finetune import finetune_classifier, finetune_instructions
     from gptfast.weights import WeightsError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # the flags first: a bad one loads nothing and writes nothing
+    device = resolve_device(args.device)
+    check_backend(args.backend, device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CommandError(f"--out {args.out} is a file: pass a new folder for the run")
+    cfg = _config(args, device)
+    created = not os.path.exists(args.out)
     try:
-        cfg = FinetuneConfig(out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, eval_every=args.eval_every, eval_iters=args.eval_iters,
-                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed, device=device,
-                             progress=not args.no_progress, keep_last=args.keep_last)
         if args.task == "classify":
-            _, history = finetune_classifier(
+            model, history = finetune_classifier(
                 args.base, args.data, cfg, text_column=args.text_column, label_column=args.label_column,
                 num_classes=args.num_classes, max_length=args.max_length, val_data=args.val_data,
                 trainable_blocks=args.trainable_blocks, backend=args.backend)
         else:
-            _, history = finetune_instructions(args.base, args.data, cfg, max_length=args.max_length,
-                                               samples=args.samples, max_new_tokens=args.max_new_tokens,
-                                               backend=args.backend)
+            model, history = finetune_instructions(args.base, args.data, cfg, max_length=args.max_length,
+                                                   samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                                   backend=args.backend)
     except (DatasetError, WeightsError, FileNotFoundError, FileExistsError, ValueError) as e:
         raise CommandError(str(e)) from None
+    finally:
+        if created and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)  # a run that failed before writing anything leaves no folder behind
     last = history[-1] if history else {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float))
-    print(f"done: {summary}; checkpoints in {args.out}")
+    labels = getattr(model, "labels", None)
+    named = f"; classes {', '.join(f'{i} {n!r}' for i, n in enumerate(labels))}" if labels else ""
+    print(f"done: {summary}{named}; checkpoints in {args.out}")
     return 0

@@ -3,7 +3,6 @@ the text as it is generated (the prompt first)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -12,7 +11,7 @@ HELP = "continue a prompt with a trained checkpoint, streaming tokens as they ar
 
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a training run folder (its latest step) or one step-N folder")
+                   help="a training run folder (its latest step), one step-N folder, or its model.safetensors")
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--max-new-tokens", type=int, default=50, help="default 50")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) picks the most likely token")
@@ -49,24 +48,52 @@ class TextStream:
         return new
 
 
+def _check_sampling_flags(args):
+    from gptfast.cli import CommandError
+
+    if args.max_new_tokens < 0:
+        raise CommandError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise CommandError(f"--temperature must be >= 0 (0 picks the most likely token), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CommandError(f"--top-k must be a positive number of tokens, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def _older_steps_hint(path: str, folder: str) -> str:
+    """For a run folder whose newest step cannot be read: the older steps to pass instead."""
+    from gptfast import checkpoint
+
+    if os.path.abspath(path) == os.path.abspath(folder):
+        return ""
+    older = [p for _, p in checkpoint.step_dirs(path) if os.path.abspath(p) != os.path.abspath(folder)]
+    return f"; older checkpoints of this run: {', '.join(reversed(older))}" if older else ""
+
+
 def run(args):
     import torch
 
     from gptfast import checkpoint
     from gptfast.cli import CommandError
     from gptfast.data import DataError, tokenizer_by_name
+    from gptfast.devices import check_backend, resolve_device
     from gptfast.generation import generate_stream, text_to_token_ids
     from gptfast.train import resolve_checkpoint
 
-    if args.max_new_tokens < 0:
-        raise CommandError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # the flags first: nothing is loaded for a run that cannot start
+    _check_sampling_flags(args)
+    device = resolve_device(args.device)
+    check_backend(args.backend, device)
     try:
         folder = resolve_checkpoint(args.checkpoint)
-        with open(os.path.join(folder, checkpoint.CONFIG_FILE)) as f:
-            tokenizer_name = json.load(f).get("tokenizer", "gpt2")
-        tokenizer = tokenizer_by_name(tokenizer_name)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (FileNotFoundError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    try:
+        tokenizer = tokenizer_by_name(checkpoint.read_raw_config(folder).get("tokenizer", "gpt2"))
         model = checkpoint.load_model(folder, backend=args.backend, device=device)
+    except checkpoint.CheckpointError as e:
+        raise CommandError(f"{e}{_older_steps_hint(args.checkpoint, folder)}") from None
     except (FileNotFoundError, ValueError, DataError) as e:
         raise CommandError(str(e)) from None
     if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"):
@@ -88,6 +115,7 @@ def run(args):
             out.write(stream.push(idx_next[0, 0].item()))
             out.flush()
     except ValueError as e:
+        out.write("\n")
         raise CommandError(str(e)) from None
     out.write(stream.flush() + "\n")
     out.flush()

@@ -10,14 +10,21 @@ Each FILE is one document; the end-of-text token follows every document. The sha
 Text that looks like a special token (``<|endoftext|>``) is encoded as ordinary text. Files are
 read in chunks cut just before a newline that follows a non-space character: no piece of the
 split pattern crosses such a point, so the ids equal those of encoding each file whole.
+
+``meta.json`` also lists each file's sha256 (``source_sha256``), which ``gptfast train`` keeps to
+notice changed inputs. The shards are written into a temporary folder inside DIR and moved into
+place once every file is encoded: a failure (a file that is not UTF-8, say) leaves DIR as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 from gptfast.cli import CommandError
@@ -66,15 +73,32 @@ def _safe_cut(text: str, limit: int) -> int:
     return 0
 
 
-def _chunks(path: pathlib.Path, chunk_chars: int):
-    """Yield (text, nbytes) pieces of a file, cut where the tokenization cannot change."""
-    pending = ""
-    with open(path, encoding="utf-8", newline="") as f:
+def _chunks(path: pathlib.Path, chunk_bytes: int, digest):
+    """Yield text pieces of a file, cut where the tokenization cannot change; ``digest`` sees every byte.
+
+    A byte sequence that is not UTF-8 raises :class:`~gptfast.data.DataError` naming the file, the byte
+    offset and the line.
+    """
+    from gptfast.data import not_utf8
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, offset, lines = "", 0, 0  # bytes and newlines before this block
+    with open(path, "rb") as f:
         while True:
-            block = f.read(chunk_chars)
-            pending += block
-            while len(pending) > chunk_chars:
-                cut = _safe_cut(pending, chunk_chars)
+            block = f.read(chunk_bytes)
+            digest.update(block)
+            held = decoder.getstate()[0]  # the start of a character cut by the previous block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                data = held + block  # what e.start counts in
+                raise not_utf8(path, offset - len(held) + e.start, lines + data.count(b"\n", 0, e.start) + 1,
+                               e.reason) from None
+            offset += len(block)
+            lines += block.count(b"\n")
+            pending += text
+            while len(pending) > chunk_bytes:
+                cut = _safe_cut(pending, chunk_bytes)
                 if cut == 0:
                     break  # no safe point yet: read more
                 yield pending[:cut]
@@ -85,18 +109,11 @@ def _chunks(path: pathlib.Path, chunk_chars: int):
         yield pending
 
 
-def _atomic_save(path: pathlib.Path, array) -> None:
+def _save(path: pathlib.Path, array) -> None:
     import numpy as np
 
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with open(path, "wb") as f:  # inside the temporary folder: renamed into DIR when all is done
+        np.save(f, array)
 
 
 class _ShardWriter:
@@ -124,19 +141,30 @@ class _ShardWriter:
         if self.fill == 0:
             return
         name = f"shard-{len(self.names):05d}.npy"
-        _atomic_save(self.out / name, self.buf[:self.fill])
+        _save(self.out / name, self.buf[:self.fill])
         self.names.append(name)
         self.sizes.append(self.fill)
         self.fill = 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from gptfast import checkpoint
+    from gptfast.data import DataError
+
     files = [pathlib.Path(f) for f in args.files]
     for f in files:
         if not f.is_file():
-            raise CommandError(f"{f}: no such file")
+            raise CommandError(f"{f}: no such file" if not f.exists() else f"{f} is not a file: pass text files")
+        if f.stat().st_size == 0:
+            raise CommandError(f"{f} is empty: there is nothing to tokenize in it; leave it out")
     if args.shard_tokens <= 0:
         raise CommandError("--shard-tokens must be positive")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file: pass a folder for the shards (new or empty)")
+    if out.is_dir():
+        for old in out.glob("shard-*.npy"):
+            raise CommandError(f"{out} already holds shards ({old.name}); pass an empty or new --out folder")
     tok = _load_tokenizer(args.tokenizer)
     if tok.n_vocab - 1 > MAX_UINT16:
         raise CommandError(f"the tokenizer has {tok.n_vocab} ids, more than uint16 shards hold (ids up to {MAX_UINT16}); "
@@ -146,49 +174,66 @@ def run(args: argparse.Namespace) -> int:
     except AttributeError:
         raise CommandError("the tokenizer has no <|endoftext|> token to put between documents; "
                            "train it with special_tokens=('<|endoftext|>',)") from None
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("shard-*.npy"):
-        raise CommandError(f"{out} already holds shards ({old.name}); pass an empty or new --out folder")
 
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=".tokenize-", suffix=".tmp", dir=out))
+    try:
+        meta = _encode(files, tok, eot, work, args)
+        for name in meta["shards"]:
+            os.replace(work / name, out / name)
+        with checkpoint.atomic_open(out / "meta.json", "w") as fh:
+            json.dump(meta, fh, indent=1)
+    except DataError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves no folder of its own behind
+    print(f"wrote {meta['num_tokens']:,} tokens from {len(files)} file(s) into {len(meta['shards'])} shard(s) in {out}")
+    return 0
+
+
+def _encode(files, tok, eot, work: pathlib.Path, args) -> dict:
+    """Encode every file into shards in ``work``; returns meta.json's contents."""
     total_bytes = sum(f.stat().st_size for f in files)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize")
-    writer = _ShardWriter(out, args.shard_tokens)
+    writer = _ShardWriter(work, args.shard_tokens)
     threads = max(1, args.num_threads)
     num_tokens = 0
+    hashes = []
+
+    def encode(batch):
+        nonlocal num_tokens
+        for ids in tok.encode_ordinary_batch(batch, num_threads=threads):
+            writer.add(ids)
+            num_tokens += len(ids)
+        if bar is not None:
+            bar.update(sum(len(t.encode("utf-8")) for t in batch))
+
     try:
         for f in files:
             batch: list[str] = []
-
-            def encode(batch):
-                nonlocal num_tokens
-                for ids in tok.encode_ordinary_batch(batch, num_threads=threads):
-                    writer.add(ids)
-                    num_tokens += len(ids)
-                if bar is not None:
-                    bar.update(sum(len(t.encode("utf-8")) for t in batch))
-
-            try:
-                for chunk in _chunks(f, max(1, args.chunk_bytes)):
-                    batch.append(chunk)
-                    if len(batch) >= 2 * threads:
-                        encode(batch)
-                        batch = []
-            except UnicodeDecodeError as e:
-                raise CommandError(f"{f}: not UTF-8 text (byte {e.start} of a chunk: {e.reason})") from None
+            digest = hashlib.sha256()
+            for chunk in _chunks(f, max(1, args.chunk_bytes), digest):
+                batch.append(chunk)
+                if len(batch) >= 2 * threads:
+                    encode(batch)
+                    batch = []
             if batch:
                 encode(batch)
             writer.add([eot])
             num_tokens += 1
+            hashes.append(digest.hexdigest())
         writer.flush()
     finally:
         if bar is not None:
             bar.close()
-    meta = {
+    return {
         "tokenizer": tok.name if args.tokenizer == "gpt2" else str(args.tokenizer),
         "n_vocab": tok.n_vocab,
         "eot_token": eot,
@@ -198,10 +243,5 @@ def run(args: argparse.Namespace) -> int:
         "num_tokens": num_tokens,
         "documents": len(files),
         "sources": [str(f) for f in files],
+        "source_sha256": hashes,
     }
-    fd, tmp = tempfile.mkstemp(prefix="meta.json.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(tmp, out / "meta.json")
-    print(f"wrote {num_tokens:,} tokens from {len(files)} file(s) into {len(writer.names)} shard(s) in {out}")
-    return 0

@@ -7,6 +7,7 @@ One process: ``gptfast train data.txt --out runs/a``. Several GPUs (or CPU proce
 from __future__ import annotations
 
 import os
+import sys
 
 HELP = "pretrain a GPT on text files or token shards (one device, or many under torchrun); resumable"
 
@@ -71,27 +72,94 @@ def _model_config(args, saved_cfg, n_vocab):
     return cfg
 
 
+def _train_config(args):
+    """The run's TrainConfig, every flag checked (nothing read or written yet)."""
+    from gptfast.cli import CommandError, as_flag_error
+    from gptfast.train import TrainConfig
+
+    try:
+        config = TrainConfig(
+            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+            min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+            seed=args.seed, eval_every=args.eval_every, eval_iters=args.eval_iters, save_every=args.save_every,
+            keep_last=args.keep_last, dtype=args.dtype, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
+            fsdp=args.fsdp, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        raise as_flag_error(e, TrainConfig.__dataclass_fields__) from None
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise CommandError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    return config
+
+
+def _check_model_flags(args):
+    """The --model name and size flags make a valid config (the vocabulary is the data's, later)."""
+    from gptfast.cli import CommandError
+    from gptfast.config import GPTConfig
+
+    overrides = {k: getattr(args, k) for k in _SIZE_FLAGS if getattr(args, k) is not None}
+    try:
+        GPTConfig.from_name(args.model or "gpt2", **overrides)
+    except ValueError as e:
+        text = str(e)
+        if text.startswith("unknown model name"):
+            raise CommandError(f"--model: {text}") from None
+        if not text.startswith("GPTConfig."):
+            raise CommandError(text) from None
+        # "GPTConfig.emb_dim (30) must be divisible by n_heads (4)" -> "--emb-dim (30) must be ..."
+        name = text.split(" ", 1)[0].removeprefix("GPTConfig.")
+        raise CommandError(f"--{name.replace('_', '-')}{text[len('GPTConfig.') + len(name):]}") from None
+
+
+def _remove_if_empty(folder):
+    """Take back a folder this command created, when the failed run left nothing in it."""
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # not empty (or already gone): what is there was completed and stays
+
+
 def run(args):
     import torch
 
     from gptfast import checkpoint
     from gptfast.cli import CommandError
-    from gptfast.config import GPTConfig  # noqa: F401  (import errors surface before the process group)
-    from gptfast.data import DataError, data_fingerprint, open_token_data, split_tokens, tokenizer_by_name
+    from gptfast.data import DataError, data_fingerprint, data_sources, open_token_data, split_tokens, \
+        tokenizer_by_name
+    from gptfast.devices import check_backend, resolve_device
     from gptfast.model import GPTModel
-    from gptfast.train import (TrainConfig, Trainer, TrainingError, barrier, init_distributed,
-                               latest_checkpoint)
+    from gptfast.train import (Trainer, TrainingError, barrier, init_distributed, latest_checkpoint,
+                               resumable_checkpoint)
 
     rank, world, local = init_distributed()
+    out = args.out
+    created = not os.path.exists(out)
     try:
-        out = args.out
+        # Everything the flags alone decide comes first: a bad flag reads and writes nothing.
+        device = resolve_device(args.device, local_rank=local)
+        check_backend(args.backend, device)
+        config = _train_config(args)
+        _check_model_flags(args)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise CommandError(f"--out {out} is a file: pass a folder for the run (new, or a run to --resume)")
         latest = latest_checkpoint(out)
-        if args.resume and latest is None:
-            raise CommandError(f"--resume: {out} holds no checkpoint (step-N folder) to resume from")
-        if latest is not None and not args.resume:
+        if args.resume:
+            latest, skipped = resumable_checkpoint(out)
+            if latest is None:
+                if skipped:
+                    raise CommandError(f"--resume: no checkpoint in {out} loads: "
+                                       + "; ".join(why for _, why in skipped))
+                raise CommandError(f"--resume: {out} holds no checkpoint (step-N folder) to resume from")
+            if rank == 0:
+                for folder, why in skipped:
+                    print(f"warning: --resume skipped {folder}: {why}; resuming from {latest} instead (the "
+                          f"skipped folder stays until this run saves that step again)", file=sys.stderr, flush=True)
+        elif latest is not None:
             raise CommandError(f"{out} already holds checkpoints (latest {os.path.basename(latest)}); "
                                f"pass --resume to continue that run, or choose another --out")
         try:
+            saved_cfg = checkpoint.read_config(latest) if args.resume else None
             cache = os.path.join(out, "data")
             if rank == 0:
                 datasets = open_token_data(args.data, cache)
@@ -106,28 +174,18 @@ def run(args):
                 tokenizer = None  # training needs only the ids; samples need the tokenizer
                 if rank == 0:
                     print(f"warning: {e}; no text samples during training", flush=True)
-            saved_cfg = checkpoint.read_config(latest) if args.resume else None
             cfg = _model_config(args, saved_cfg, datasets[0].n_vocab)
             if cfg.vocab_size < datasets[0].n_vocab:
                 raise DataError(f"the data's vocabulary has {datasets[0].n_vocab} ids but the model's vocab_size is "
                                 f"{cfg.vocab_size}")
-            config = TrainConfig(
-                out_dir=out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-                seed=args.seed, eval_every=args.eval_every, eval_iters=args.eval_iters, save_every=args.save_every,
-                keep_last=args.keep_last, dtype=args.dtype, compile=args.compile, grad_checkpoint=args.grad_checkpoint,
-                fsdp=args.fsdp, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
-                progress=not args.no_progress,
-            )
-            if args.device:
-                device = torch.device(args.device)
-            else:
-                device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
             torch.manual_seed(args.seed)  # the same initial weights on every process
             model = GPTModel(cfg, backend=args.backend)
             torch.manual_seed(args.seed + rank)  # each process its own dropout
+            # what the data was made from, so that a resume can say when an input changed
+            data_info = {"tokenizer": name, "data_sha256": data_fingerprint(datasets),
+                         "sources": data_sources(datasets)}
             trainer = Trainer(model, train_split, val_split, config, tokenizer=tokenizer, device=device,
-                              data_info={"tokenizer": name, "fingerprint": data_fingerprint(datasets)})
+                              data_info=data_info)
             if rank == 0:
                 print(f"model: {cfg.n_layers} layers, {cfg.n_heads} heads, emb_dim {cfg.emb_dim}, context "
                       f"{cfg.context_length}, {model.num_parameters() / 1e6:.1f}M parameters; "
@@ -142,6 +200,10 @@ def run(args):
             print(f"step {last['step']}: training loss {last['train_loss']:.4f}{val}; "
                   f"checkpoint {latest_checkpoint(out)}")
         return 0
+    except BaseException:
+        if created and rank == 0:
+            _remove_if_empty(out)
+        raise
     finally:
         import torch.distributed as dist
 
