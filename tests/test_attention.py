@@ -2,7 +2,9 @@
 
 Every numeric case checks the output and dq, dk, dv with the tolerance rule of ``tests/tolerance.py``:
 the kernel's max-abs error against ``gptfast.reference.causal_attention`` run in float64 may be at
-most twice the error of the same reference run by PyTorch in the kernel's dtype, plus a few epsilons.
+most twice the error of the same reference run by PyTorch in the kernel's dtype, plus a few epsilons
+of the magnitude of the terms each result sums (:func:`_summed_terms`; at T = 1, dq and dk are
+exactly 0 and only that magnitude is left).
 q/k/v come in the model's layout (``view(B, T, H, D).transpose(1, 2)``, not contiguous) unless a
 case says otherwise. Without a GPU the kernels run in Triton's CPU interpreter on small awkward
 shapes (partial tiles, T = 1, padded head dims); bf16, GPT-2-sized shapes and ``torch.compile`` need
@@ -10,11 +12,12 @@ a GPU. Dropout is checked by reading the kernel's keep mask back (v = identity) 
 kernel with an fp64 reference that applies exactly that mask.
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
-from tolerance import assert_close
+from tolerance import SummedTerms, assert_close
 
 from gptfast import GPTConfig, GPTModel, ops, reference
 from gptfast.kernels import attention as K
@@ -44,8 +47,36 @@ def _leaves(tensors, dtype=None):
     return [t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
 
-def _check(q, k, v, do, dtype, kernel=None, ref=None, **kw):
-    """Kernel vs fp64 reference vs PyTorch in ``dtype``: the output and the gradients of q, k, v."""
+def _summed_terms(q, k, v, do=None, softmax_scale=None, cache_seqlens=None, drop=None):
+    """fp64 magnitudes of the terms that out, dq, dk and dv sum, from the reference math.
+
+    A score s = scale q.k sums the terms scale |q| |k|^T; exp turns its rounding into a relative error
+    of the weight, so a weight P counts as P (1 + scale |q| |k|^T). With W = P * drop (drop = keep /
+    (1 - p), or 1): out = W v sums W |v|; dv = W^T dO sums W^T |dO|; dS = P (dP - delta) subtracts
+    delta = rowsum(dO o) from dP = (dO v^T) * drop, two sums of |dO| |v| and |dO| |o| that cancel
+    exactly where a query sees one key (T = 1, or query 0); dq = scale dS k and dk = scale dS^T q carry
+    those terms on. Without ``do``, only out's.
+    """
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    _, p = reference.causal_attention(q, k, v, softmax_scale=softmax_scale, cache_seqlens=cache_seqlens,
+                                      return_weights=True)  # (B, H, Tq, Tk)
+    p_terms = p * (1 + scale * q.abs() @ k.abs().transpose(-2, -1))  # (B, H, Tq, Tk)
+    drop = torch.ones_like(p) if drop is None else drop.double()
+    w_terms = p_terms * drop
+    if do is None:
+        return {"out": w_terms @ v.abs()}
+    do, out = do.detach().double(), (p * drop) @ v  # (B, H, Tq, D)
+    ds = p_terms * ((do.abs() @ v.abs().transpose(-2, -1)) * drop + (do.abs() * out.abs()).sum(-1, keepdim=True))
+    return {"out": w_terms @ v.abs(), "dq": scale * ds @ k.abs(), "dk": scale * ds.transpose(-2, -1) @ q.abs(),
+            "dv": w_terms.transpose(-2, -1) @ do.abs()}
+
+
+def _check(q, k, v, do, dtype, kernel=None, ref=None, drop=None, **kw):
+    """Kernel vs fp64 reference vs PyTorch in ``dtype``: the output and the gradients of q, k, v.
+
+    ``drop`` is the keep mask / (1 - p) that ``kernel`` and ``ref`` apply, for the summed terms.
+    """
     kernel = kernel or (lambda *a, **k_: ops.causal_attention(*a, backend="triton", **k_))
     ref = ref or reference.causal_attention
     qk, kk, vk = _leaves((q, k, v))
@@ -57,29 +88,12 @@ def _check(q, k, v, do, dtype, kernel=None, ref=None, **kw):
     qt, kt, vt = _leaves((q, k, v))
     outt = ref(qt, kt, vt, **kw)
     outt.backward(do)
+    terms = _summed_terms(q, k, v, do, kw.get("softmax_scale"), kw.get("cache_seqlens"), drop)
     assert out.dtype == dtype and out.shape == q.shape
-    assert_close("out", out, out64, outt, dtype)
+    assert_close("out", out, out64, outt, dtype, scale=terms["out"])
     for name, a, r, t in (("dq", qk, q64, qt), ("dk", kk, k64, kt), ("dv", vk, v64, vt)):
-        if name != "dv" and r.grad.abs().max() == 0:
-            _assert_zero_grad(name, a.grad, k if name == "dq" else q, v, do, dtype)
-        else:
-            assert_close(name, a.grad, r.grad, t.grad, dtype)
+        assert_close(name, a.grad, r.grad, t.grad, dtype, scale=terms[name])
     return out, (qk.grad, kk.grad, vk.grad)
-
-
-def _assert_zero_grad(name, grad, other, v, do, dtype):
-    """dq and dk when every query sees one key (T = 1): exactly 0, as dS = P (dP - delta) with P = 1
-    and dP = delta.
-
-    The relative rule has no scale to work with here (PyTorch's own result is exactly 0 too), so the
-    bound is the rounding of the two dot products that cancel, dP = dO.v and delta = dO.o, carried
-    into dq by scale * k (into dk by scale * q): a few epsilons of |dO| |v| |k or q| / sqrt(D).
-    """
-    eps = torch.finfo(dtype).eps
-    cancel = (do.double().abs() * v.double().abs()).sum(-1).max()
-    allowed = 8 * eps * cancel * other.double().abs().max() / math.sqrt(other.shape[-1])
-    err = grad.double().abs().max()
-    assert err <= allowed, f"{name}: {err.item():.3e} > {allowed:.3e} where the exact gradient is 0"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +123,8 @@ def test_long_sequence_forward():
     q, k, v, _ = _inputs(1, 1, 1025, 64, seed=9)
     out = K.causal_attention(q, k, v, arch=ARCH)
     assert_close("out", out, reference.causal_attention(q.double(), k.double(), v.double()),
-                 reference.causal_attention(q, k, v), torch.float32)
+                 reference.causal_attention(q, k, v), torch.float32,
+                 scale=_summed_terms(q, k, v)["out"])  # P |v|
 
 
 def test_contiguous_inputs_and_custom_scale():
@@ -241,7 +256,8 @@ def test_dropout_gradients_match_the_mask_used(b, h, t, d):
         torch.manual_seed(13)  # the seed the mask was read with
         return K.causal_attention(q, k, v, dropout_p=dropout_p, arch=ARCH)
 
-    _check(*_inputs(b, h, t, d, seed=14), torch.float32, kernel=kernel, ref=_masked_reference(keep, p), dropout_p=p)
+    _check(*_inputs(b, h, t, d, seed=14), torch.float32, kernel=kernel, ref=_masked_reference(keep, p),
+           drop=keep / (1 - p), dropout_p=p)
 
 
 def test_dropout_replays_under_activation_checkpointing():
@@ -290,7 +306,8 @@ def test_decode_matches_full_attention_on_the_prefix(t_q, lengths, t_k):
     seqlens = torch.tensor(lengths, device=DEVICE)
     out = ops.causal_attention(q_new, k_cache, v_cache, cache_seqlens=seqlens, backend="triton")
     ref32 = reference.causal_attention(q_new, k_cache, v_cache, cache_seqlens=seqlens)
-    assert_close("decode out", out, expected, ref32, torch.float32)
+    terms = _summed_terms(q_new, k_cache, v_cache, cache_seqlens=seqlens)["out"]  # P |v| over the cache
+    assert_close("decode out", out, expected, ref32, torch.float32, scale=terms)
 
 
 @pytest.mark.parametrize("b,t_k,lengths", [(2, 37, [20, 34]), (1, 1030, [1027])])
@@ -324,7 +341,8 @@ def test_growing_cache_does_not_recompile():
     seqlens = torch.tensor([49], device=DEVICE)
     ref64 = reference.causal_attention(q.double(), k[:, :, :50].double(), v[:, :, :50].double(), cache_seqlens=seqlens)
     ref32 = reference.causal_attention(q, k[:, :, :50], v[:, :, :50], cache_seqlens=seqlens)
-    assert_close("last step", out, ref64, ref32, torch.float32)
+    terms = _summed_terms(q, k[:, :, :50], v[:, :, :50], cache_seqlens=seqlens)["out"]  # P |v|
+    assert_close("last step", out, ref64, ref32, torch.float32, scale=terms)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,6 +390,9 @@ TINY = dict(vocab_size=97, context_length=40, emb_dim=64, n_heads=2, n_layers=2,
 
 
 def test_model_triton_attention_matches_reference():
+    # scales: each parameter gradient's summed terms (|dY|^T |X| for a weight, sum_rows |dY| for a bias,
+    # tests/tolerance.py's SummedTerms) from the fp64 pass; a key bias's gradient is exactly 0, as softmax
+    # ignores a constant added to a row, and only those terms bound its rounding; logits: |x| |W_out|^T
     torch.manual_seed(22)
     ref = GPTModel(GPTConfig(**TINY)).to(DEVICE)
     idx = torch.randint(0, 97, (2, 37), device=DEVICE)
@@ -380,14 +401,18 @@ def test_model_triton_attention_matches_reference():
                                  ("fp64", torch.float64, "reference")):
         m = GPTModel(GPTConfig(**TINY), backend=backend).to(device=DEVICE, dtype=dtype)
         m.load_state_dict(ref.state_dict())
-        logits = m(idx)
-        logits.float().logsumexp(-1).sum().backward()
+        terms = SummedTerms(m)
+        with terms if dtype == torch.float64 else contextlib.nullcontext():
+            logits = m(idx)
+            logits.float().logsumexp(-1).sum().backward()
         models[name] = (m, logits)
+    terms.check_complete(models["fp64"][0])  # the terms of the last pass, the fp64 one
     (tm, tl_), (pm, pl), (rm, rl) = models["triton"], models["torch"], models["fp64"]
-    assert_close("logits", tl_, rl, pl, torch.float32)
+    assert_close("logits", tl_, rl, pl, torch.float32, scale=terms.outputs["out_head.weight"])
     rparams, pparams = dict(rm.named_parameters()), dict(pm.named_parameters())
     for name, p in tm.named_parameters():
-        assert_close(f"grad {name}", p.grad, rparams[name].grad, pparams[name].grad, torch.float32)
+        assert_close(f"grad {name}", p.grad, rparams[name].grad, pparams[name].grad, torch.float32,
+                     scale=terms.grads[name])
 
 
 def test_model_kv_cache_generation_matches_reference():
@@ -407,9 +432,10 @@ def test_model_kv_cache_generation_matches_reference():
     m64 = GPTModel(cfg, backend="reference").to(DEVICE, torch.float64).eval()
     m64.load_state_dict(models[0].state_dict())
     full = torch.cat([prompt, torch.tensor([[5, 17, 42]] * 2, device=DEVICE)], 1)
-    with torch.no_grad():
+    with torch.no_grad(), SummedTerms(m64) as terms:
         ref64 = m64(full)[:, [8, 9, 10, 11]].transpose(0, 1)
-    assert_close("cached logits", steps[0], ref64, steps[1], torch.float32)
+    head_terms = terms.outputs["out_head.weight"][:, [8, 9, 10, 11]]  # |x| |W_out|^T of those logits
+    assert_close("cached logits", steps[0], ref64, steps[1], torch.float32, scale=head_terms)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,4 +477,5 @@ def test_gpu_decode_bf16_long_cache():
     out = ops.causal_attention(q, k, v, cache_seqlens=seqlens, backend="triton")
     ref64 = reference.causal_attention(q.double(), k.double(), v.double(), cache_seqlens=seqlens)
     ref = reference.causal_attention(q, k, v, cache_seqlens=seqlens)
-    assert_close("decode out", out, ref64, ref, torch.bfloat16)
+    terms = _summed_terms(q, k, v, cache_seqlens=seqlens)["out"]  # P |v|
+    assert_close("decode out", out, ref64, ref, torch.bfloat16, scale=terms)

@@ -3,14 +3,17 @@
 Every case checks the output and every gradient with the tolerance rule of ``tests/tolerance.py``:
 the kernel's max-abs error against the reference op run in float64 may be at most twice the error of
 ``torch.nn.functional.layer_norm`` run in the same dtype (fp32 statistics inside, like ours), plus a
-few epsilons of the reference's magnitude. Without a GPU the kernels run in Triton's CPU interpreter
+few epsilons of the magnitude of the terms each result sums (:func:`_summed_terms`: dweight and dbias
+sum over rows, dx subtracts two row means). Without a GPU the kernels run in Triton's CPU interpreter
 (fp32, fp16) on small awkward shapes; bf16, GPT-2-sized shapes and ``torch.compile`` need a GPU.
 """
+
+import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close
+from tolerance import SummedTerms, assert_close, row_sum_terms
 
 from gptfast import GPTModel, ops, reference
 from gptfast.kernels import layer_norm as K
@@ -45,6 +48,23 @@ def _same(t):
     return t
 
 
+def _summed_terms(x, w, b, dy, x_terms=None):
+    """fp64 magnitudes of the terms that y, dx, dweight and dbias sum, from the reference math.
+
+    xhat = (x - mean) rstd subtracts the mean, which sums |x| / E: its terms are (|x| + mean |x|) rstd
+    (``x_terms`` replaces |x| when x is itself a sum, x + branch). y = w xhat + b; with g = w dy,
+    dx = rstd (g - mean(g) - xhat mean(g xhat)) sums rstd (|g| + mean |g| + |xhat| mean |g xhat|);
+    dweight = sum_rows dy xhat and dbias = sum_rows dy sum their |terms| over the rows.
+    """
+    x, w, b, dy = (t.detach().double() for t in (x, w, b, dy))
+    x_terms = x.abs() if x_terms is None else x_terms.double()
+    rstd = (x.var(-1, keepdim=True, unbiased=False) + EPS).rsqrt()  # (..., 1)
+    xhat = (x_terms + x_terms.mean(-1, keepdim=True)) * rstd  # (..., E), the terms of xhat
+    g = (w * dy).abs()
+    dx = rstd * (g + g.mean(-1, keepdim=True) + xhat * (g * xhat).mean(-1, keepdim=True))
+    return {"y": w.abs() * xhat + b.abs(), "dx": dx, "dweight": row_sum_terms(dy * xhat), "dbias": row_sum_terms(dy)}
+
+
 def _check_layer_norm(x, w, b, dy, dtype, view=_same):
     """Kernel vs fp64 reference vs F.layer_norm in ``dtype``: the output and dx, dweight, dbias.
 
@@ -59,10 +79,11 @@ def _check_layer_norm(x, w, b, dy, dtype, view=_same):
     xt, wt, bt = _leaves((x, w, b))
     yt = F.layer_norm(view(xt), (w.shape[-1],), wt, bt, EPS)
     yt.backward(dy)
+    terms = _summed_terms(view(x), w, b, dy)
     assert y.dtype == dtype and y.shape == view(x).shape
-    assert_close("y", y, y64, yt, dtype)
+    assert_close("y", y, y64, yt, dtype, scale=terms["y"])
     for name, k, r, t in (("dx", xk, x64, xt), ("dweight", wk, w64, wt), ("dbias", bk, b64, bt)):
-        assert_close(name, k.grad, r.grad, t.grad, dtype)
+        assert_close(name, k.grad, r.grad, t.grad, dtype, scale=terms[name])
     return wk.grad, bk.grad
 
 
@@ -78,11 +99,14 @@ def _check_add_layer_norm(x, branch, w, b, ds, dy, dtype, view=_same):
     st = view(xt) + view(rt)
     yt = F.layer_norm(st, (w.shape[-1],), wt, bt, EPS)
     torch.autograd.backward((st, yt), (ds, dy))
-    assert_close("s", s, s64, st, dtype)
-    assert_close("y", y, y64, yt, dtype)
+    s_terms = view(x).double().abs() + view(branch).double().abs()  # s = x + branch
+    terms = _summed_terms(s64, w, b, dy, x_terms=s_terms)
+    terms["dx"] = terms["dbranch"] = ds.double().abs() + terms["dx"]  # ds plus the norm's dx
+    assert_close("s", s, s64, st, dtype, scale=s_terms)
+    assert_close("y", y, y64, yt, dtype, scale=terms["y"])
     for name, k, r, t in (("dx", xk, x64, xt), ("dbranch", rk, r64, rt), ("dweight", wk, w64, wt),
                           ("dbias", bk, b64, bt)):
-        assert_close(name, k.grad, r.grad, t.grad, dtype)
+        assert_close(name, k.grad, r.grad, t.grad, dtype, scale=terms[name])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,6 +243,9 @@ def test_configs_and_resource_specs_agree():
 
 
 def test_model_triton_matches_reference():
+    # scales: each parameter gradient's summed terms from the fp64 pass (tests/tolerance.py's SummedTerms:
+    # sum_rows |dy xhat| for a norm's scale, sum_rows |dy| for its shift, |dY|^T |X| for a linear weight);
+    # logits: |x| |W_out|^T
     cfg = dict(vocab_size=97, context_length=16, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
     torch.manual_seed(123)
     model = GPTModel(cfg).to(DEVICE)
@@ -229,22 +256,26 @@ def test_model_triton_matches_reference():
             if "norm" in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).to(DEVICE))
 
-    def run(m, backend):
+    def run(m, backend, terms=None):
         m.set_backend(backend)
         m.zero_grad()
-        logits = m(idx)
-        F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+        with terms or contextlib.nullcontext():
+            logits = m(idx)
+            F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
     logits_lowp, grads_lowp = run(model, dict(OTHERS_REFERENCE, layer_norm="reference"))
     logits_k, grads_k = run(model, dict(OTHERS_REFERENCE, layer_norm="triton"))
     model64 = GPTModel(cfg).to(DEVICE)
     model64.load_state_dict(model.state_dict())
-    logits64, grads64 = run(model64.double(), "reference")
-    assert_close("logits", logits_k, logits64, logits_lowp, torch.float32)
+    terms = SummedTerms(model64.double())
+    logits64, grads64 = run(model64, "reference", terms)
+    terms.check_complete(model64)
+    assert_close("logits", logits_k, logits64, logits_lowp, torch.float32, scale=terms.outputs["out_head.weight"])
     assert grads_k.keys() == grads64.keys()
     for name in grads64:
-        assert_close(f"grad of {name}", grads_k[name], grads64[name], grads_lowp[name], torch.float32)
+        assert_close(f"grad of {name}", grads_k[name], grads64[name], grads_lowp[name], torch.float32,
+                     scale=terms.grads[name])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,5 +338,8 @@ def test_gpu_compiled_model_matches_fp64():
         compiled = torch.compile(model)(idx)
         model64 = GPTModel(cfg, backend=dict(OTHERS_REFERENCE, layer_norm="reference")).cuda()
         model64.load_state_dict(model.state_dict())
-        logits64 = model64.double()(idx)
-    assert_close("compiled logits", compiled, logits64, eager_reference, torch.float32)
+        terms = SummedTerms(model64.double())
+        with terms:
+            logits64 = model64(idx)
+    assert_close("compiled logits", compiled, logits64, eager_reference, torch.float32,
+                 scale=terms.outputs["out_head.weight"])  # |x| |W_out|^T
