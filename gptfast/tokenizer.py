@@ -20,11 +20,11 @@ import json
 import operator
 import os
 import pathlib
-import tempfile
 import warnings
 from typing import AbstractSet, Callable, Collection, Iterable, Literal, Sequence
 
 from . import bpe_reference as _ref
+from .files import atomic_write_bytes
 
 __all__ = ["Tokenizer", "REQUIRE_EXT_ENV", "set_long_piece_threads", "long_piece_threads", "tiktoken_gpt2",
            "gpt2_ranks_bytes"]
@@ -175,18 +175,6 @@ def _parse_tiktoken(data: bytes, source: str) -> dict[bytes, int]:
 
 def _to_tiktoken(ranks: dict[bytes, int]) -> bytes:
     return b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _gpt2_byte_table() -> dict[str, int]:
@@ -426,8 +414,8 @@ class Tokenizer:
         data = self._core.to_tiktoken() if self._core is not None else _to_tiktoken(self._ranks)
         meta = {"name": self.name, "pattern": self.pattern, "pattern_regex": PATTERNS[self.pattern],
                 "special_tokens": self._specials, "n_vocab": self.n_vocab}
-        _atomic_write(path, data)
-        _atomic_write(side, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(side, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
     @classmethod
     def train(cls, texts: str | Iterable[str], vocab_size: int, *, pattern: str = "gpt2",

@@ -619,10 +619,15 @@ def save_pretrained(model, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, HF_SAFETENSORS)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(state, tmp, metadata={"format": "pt", "library": "gptfast"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "library": "gptfast"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves the old file and no temporary one
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     hf = config_to_hf(model.cfg, model.cfg.tie_weights)
     hf["torch_dtype"] = str(model.tok_emb.weight.dtype).replace("torch.", "")
     checkpoint.atomic_write_json(os.path.join(folder, HF_CONFIG), hf)

@@ -740,6 +740,20 @@ def test_save_load(tmp_path):
         Tokenizer.train(["x"], 100)
 
 
+def test_save_writes_with_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    tok = Tokenizer.train(["the cat sat on the mat"] * 3, 256 + 5, progress=False)
+    old = os.umask(0o027)
+    try:
+        tok.save(tmp_path / "cats.tiktoken")
+    finally:
+        os.umask(old)
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in tmp_path.iterdir()}
+    assert modes == {"cats.tiktoken": "0o640", "cats.json": "0o640"}
+
+
 # --------------------------------------------------------------------------- choosing the engine
 
 def test_impl_selection(monkeypatch):
