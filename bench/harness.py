@@ -423,29 +423,22 @@ def plan_budget(cases: list[Case]) -> float:
 
 
 def check_device(device: str | None) -> str | None:
-    """``device`` if this machine can run benchmarks on it; a ``CommandError`` saying what to use if not."""
+    """``device`` if this machine can run benchmarks on it; a ``CommandError`` saying what to use if not.
+
+    The command line's own check (:func:`gptfast.devices.resolve_device`) names a device this machine
+    lacks; on top of it, the benchmarks run on the current CUDA device only, and not on MPS."""
     from gptfast.cli import CommandError
+    from gptfast.devices import resolve_device
 
     if device is None or device == "cpu":
         return device
-    import torch
-
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise CommandError(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA GPU here; "
-                               "leave out --device to run the CPU plan")
-        return device
-    if device == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise CommandError("--device mps: this machine has no Apple MPS device; use --device cpu")
-        raise CommandError("--device mps: no benchmark runs on MPS yet; use --device cpu")
     if device.startswith("cuda:"):
         raise CommandError(f"--device {device}: the benchmarks run on the current CUDA device; "
                            f"pick it with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
-    raise CommandError(f"--device {device!r} is not a device; use cpu or cuda "
-                       "(the default is cuda when torch sees a GPU, else cpu)")
+    kind = resolve_device(device).type
+    if kind == "mps":
+        raise CommandError("--device mps: no benchmark runs on MPS yet; use --device cpu")
+    return device
 
 
 def check_only(only: str | None) -> None:

@@ -275,7 +275,7 @@ def _bad_inputs(tmp_path):
     import torch
 
     if not torch.cuda.is_available():
-        cases.append((["--device", "cuda"], "no CUDA GPU"))
+        cases.append((["--device", "cuda"], "use --device cpu"))
     return cases
 
 
