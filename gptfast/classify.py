@@ -5,11 +5,12 @@ The recipe: take a pretrained GPT, swap its output head (emb_dim -> vocab_size) 
 the new head, and train on the output at the last token -- under causal attention it is the only
 position that has seen the whole text.
 
-One difference from the book, on purpose: the book pads every text to the longest with token 50256 and
-reads the output at the *last position*, which for a short text is a padding token. Here the output is
-read at each row's **last real token** (the last one that is not ``pad_token_id``), so padding changes
-nothing and a text is classified the same alone or in a batch. Pass ``pad_token_id=None`` to get the
-book's last-position behaviour. Texts are encoded with ``tokenizer.encode(text)``, which refuses the
+By default the output is read at the *last position*, as the book does. The book pads every text to
+the longest with token 50256, so for a short text that position is a padding token and the prediction
+depends on how much padding the batch needed. ``pool="last_token"`` (keyword-only, everywhere here;
+``gptfast finetune classify`` trains and answers with it) reads each row's **last real token** (the last
+one that is not ``pad_token_id``) instead, so padding changes nothing and a text is classified the same
+alone or in a batch. Texts are encoded with ``tokenizer.encode(text)``, which refuses the
 ``<|endoftext|>`` text, so id 50256 inside a text can only be padding.
 
 The book's names: :class:`SpamDataset` (here :class:`ClassificationDataset`), :func:`calc_loss_batch`,
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 PAD_TOKEN_ID = 50256
+POOLS = ("last", "last_token")  # the book's last position; each row's last token that is not padding
 
 
 class DatasetError(ValueError):
@@ -195,20 +197,32 @@ def last_token_index(input_batch, pad_token_id=PAD_TOKEN_ID):
     return t - 1 - real.flip(1).argmax(dim=1)  # an all-padding row gives T-1
 
 
-def classification_logits(model, input_batch, pad_token_id=PAD_TOKEN_ID):
-    """(B, num_classes) logits at each row's last real token."""
+def _check_pool(pool):
+    if pool not in POOLS:
+        raise ValueError(f"pool must be 'last' (the book's last position) or 'last_token' (each row's last token "
+                         f"that is not padding), got {pool!r}")
+
+
+def classification_logits(model, input_batch, pad_token_id=PAD_TOKEN_ID, *, pool="last"):
+    """(B, num_classes) logits at the last position (``pool="last"``, the book's), or at each row's last
+    token that is not ``pad_token_id`` (``pool="last_token"``; with ``pad_token_id=None`` that is the
+    last position too)."""
+    _check_pool(pool)
     logits = model(input_batch)  # (B, T, C)
+    if pool == "last":
+        return logits[:, -1, :]
     idx = last_token_index(input_batch, pad_token_id)
     return logits[torch.arange(logits.shape[0], device=logits.device), idx]  # (B, C)
 
 
-def calc_loss_batch(input_batch, target_batch, model, device, pad_token_id=PAD_TOKEN_ID):
-    """Cross-entropy of the class logits at the last real token (the book's chapter-6 function)."""
+def calc_loss_batch(input_batch, target_batch, model, device, *, pool="last", pad_token_id=PAD_TOKEN_ID):
+    """Cross-entropy of the class logits at the last position (the book's chapter-6 function; ``pool``
+    as :func:`classification_logits`)."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    return F.cross_entropy(classification_logits(model, input_batch, pad_token_id), target_batch)
+    return F.cross_entropy(classification_logits(model, input_batch, pad_token_id, pool=pool), target_batch)
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None, pad_token_id=PAD_TOKEN_ID):
+def calc_loss_loader(data_loader, model, device, num_batches=None, *, pool="last", pad_token_id=PAD_TOKEN_ID):
     """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
     total_loss = 0.0
     if len(data_loader) == 0:
@@ -217,11 +231,12 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, pad_token_id=
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total_loss += calc_loss_batch(input_batch, target_batch, model, device, pad_token_id).item()
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device, pool=pool,
+                                      pad_token_id=pad_token_id).item()
     return total_loss / num_batches
 
 
-def calc_accuracy_loader(data_loader, model, device, num_batches=None, pad_token_id=PAD_TOKEN_ID):
+def calc_accuracy_loader(data_loader, model, device, num_batches=None, *, pool="last", pad_token_id=PAD_TOKEN_ID):
     """Fraction of correctly classified examples in the first ``num_batches`` batches (eval mode, no grad)."""
     model.eval()
     correct_predictions, num_examples = 0, 0
@@ -231,25 +246,25 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None, pad_token
             break
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
         with torch.no_grad():
-            logits = classification_logits(model, input_batch, pad_token_id)
+            logits = classification_logits(model, input_batch, pad_token_id, pool=pool)
         predicted_labels = torch.argmax(logits, dim=-1)
         num_examples += predicted_labels.shape[0]
         correct_predictions += (predicted_labels == target_batch).sum().item()
     return correct_predictions / num_examples if num_examples else float("nan")
 
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter, pad_token_id=PAD_TOKEN_ID):
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, *, pool="last", pad_token_id=PAD_TOKEN_ID):
     """Training and validation loss over ``eval_iter`` batches each, in eval mode and without gradients."""
     model.eval()
     with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter, pad_token_id=pad_token_id)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter, pad_token_id=pad_token_id)
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, pool=pool, pad_token_id=pad_token_id)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, pool=pool, pad_token_id=pad_token_id)
     model.train()
     return train_loss, val_loss
 
 
-def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
-                            pad_token_id=PAD_TOKEN_ID):
+def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter, *,
+                            pool="last", pad_token_id=PAD_TOKEN_ID):
     """The book's chapter-6 loop; prints its lines. Returns ``(train_losses, val_losses, train_accs,
     val_accs, examples_seen)``: losses every ``eval_freq`` steps, accuracies once per epoch."""
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
@@ -258,18 +273,19 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
         model.train()
         for input_batch, target_batch in train_loader:
             optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device, pad_token_id)
+            loss = calc_loss_batch(input_batch, target_batch, model, device, pool=pool, pad_token_id=pad_token_id)
             loss.backward()
             optimizer.step()
             examples_seen += input_batch.shape[0]
             global_step += 1
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, pad_token_id)
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter, pool=pool,
+                                                      pad_token_id=pad_token_id)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 print(f"Ep {epoch+1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, pad_token_id)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, pad_token_id)
+        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, pool=pool, pad_token_id=pad_token_id)
+        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, pool=pool, pad_token_id=pad_token_id)
         print(f"Training accuracy: {train_accuracy*100:.2f}% | ", end="")
         print(f"Validation accuracy: {val_accuracy*100:.2f}%")
         train_accs.append(train_accuracy)
@@ -297,29 +313,43 @@ def load_classifier(path, backend=None, *, device="cpu", dtype=None):
     model.labels = raw.get("labels")
     model.pad_token_id = raw.get("pad_token_id", PAD_TOKEN_ID)
     model.max_length = raw.get("max_length")
+    model.pool = "last_token"  # as the run trained
     return model
 
 
-def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=PAD_TOKEN_ID,
-                    labels=_BOOK_LABELS):
-    """Classify one text; returns ``labels[class]`` (the book's "spam"/"not spam"), or the class id
-    with ``labels=None``. The text is cut to ``min(max_length, context_length)`` tokens.
+def _context_length(model):
+    """The longest input ``model`` takes: gptfast's ``cfg``, else the book's ``pos_emb`` rows (any nn.Module)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return cfg["context_length"] if isinstance(cfg, dict) else cfg.context_length
+    return model.pos_emb.weight.shape[0]
 
-    A model from :func:`load_classifier` (or :func:`gptfast.finetune.finetune_classifier`) trained on
-    text labels answers with its own class names unless ``labels`` is given."""
+
+def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=PAD_TOKEN_ID, *, pool=None,
+                    labels=_BOOK_LABELS):
+    """Classify one text, as the book's chapter 6 does: cut it to ``min(max_length, context_length)``
+    tokens, pad it to ``max_length`` with ``pad_token_id`` and read the last position. Returns
+    ``labels[class]`` (the book's "spam"/"not spam"), or the class id with ``labels=None``.
+
+    Works on any model with the book's attributes (the book's own ``GPTModel`` too). ``max_length=None``
+    or ``pad_token_id=None`` classifies the text unpadded. ``pool`` as :func:`classification_logits`;
+    ``None`` means the model's own ``pool`` (``"last_token"`` for a :func:`load_classifier` model) or
+    ``"last"``. A model trained on text labels answers with its own class names unless ``labels`` is given."""
     if labels is _BOOK_LABELS and getattr(model, "labels", None):
         labels = model.labels
+    pool = getattr(model, "pool", "last") if pool is None else pool
+    _check_pool(pool)
     model.eval()
     input_ids = tokenizer.encode(text)
     if not input_ids:
         raise ValueError("classify_review got an empty text")
-    supported_context_length = model.cfg.context_length
+    supported_context_length = _context_length(model)
     limit = supported_context_length if max_length is None else min(max_length, supported_context_length)
     input_ids = input_ids[:limit]
-    if max_length is not None:
+    if max_length is not None and pad_token_id is not None:
         input_ids += [pad_token_id] * (limit - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # (1, T)
     with torch.no_grad():
-        logits = classification_logits(model, input_tensor, pad_token_id)
+        logits = classification_logits(model, input_tensor, pad_token_id, pool=pool)
     predicted_label = torch.argmax(logits, dim=-1).item()
     return predicted_label if labels is None else labels[predicted_label]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -88,15 +89,19 @@ class GPTConfig:
 
     @classmethod
     def coerce(cls, cfg: "GPTConfig | Mapping[str, Any]") -> "GPTConfig":
-        """Accept a GPTConfig or the book's config dict (extra keys are an error, missing ones take defaults)."""
+        """Accept a GPTConfig or the book's config dict. Keys the model does not use are ignored, as the
+        book's ``GPTModel`` ignores them, with one warning naming them (a misspelt key shows up there);
+        missing keys take the defaults."""
         if isinstance(cfg, cls):
             return cfg
         if isinstance(cfg, Mapping):
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(cfg) - known)
             if unknown:
-                raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-            return cls(**dict(cfg))
+                warnings.warn(f"config keys {unknown} are not used by gptfast's GPTModel and are ignored "
+                              f"(the book's GPTModel ignores them too); the keys it reads are {sorted(known)}",
+                              UserWarning, stacklevel=3)
+            return cls(**{k: v for k, v in cfg.items() if k in known})
         raise TypeError(f"expected a GPTConfig or a config dict, got {type(cfg).__name__}")
 
     def to_dict(self) -> dict:

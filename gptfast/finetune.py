@@ -217,19 +217,21 @@ def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False)
     prepare_for_classification(model, n_classes, trainable_blocks=trainable_blocks)
     if cfg.lora_rank:
-        replace_linear_with_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        replace_linear_with_lora(model, cfg.lora_rank, cfg.lora_alpha, freeze_base=True)
         for p in model.out_head.linear.parameters():  # the new head is untrained: let it learn too
             p.requires_grad = True
-    loss = functools.partial(classify_loss_batch, pad_token_id=pad)
+    loss = functools.partial(classify_loss_batch, pool="last_token", pad_token_id=pad)  # padding changes nothing
     extra = {"task": "classify", "num_classes": n_classes, "labels": labels, "pad_token_id": pad,
              "max_length": (val_set.dataset if isinstance(val_set, Subset) else val_set).max_length,
              "base": os.fspath(base) if base is not None else None}
 
     def accuracy(m):
-        return {"val_accuracy": calc_accuracy_loader(val_loader, m, cfg.device, cfg.eval_iters, pad)}
+        return {"val_accuracy": calc_accuracy_loader(val_loader, m, cfg.device, cfg.eval_iters, pool="last_token",
+                                                    pad_token_id=pad)}
 
     history = fit(model, train_loader, val_loader, lambda x, y, m, d: loss(x, y, m, d), cfg, extra, accuracy)
     model.labels = labels  # the class names (None for integer labels), as config.json keeps them
+    model.pool = "last_token"  # classify_review answers as the model trained
     return model, history
 
 
@@ -256,7 +258,7 @@ def finetune_instructions(base, data, cfg: FinetuneConfig, *, tokenizer=None, ma
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
     if cfg.lora_rank:
-        replace_linear_with_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        replace_linear_with_lora(model, cfg.lora_rank, cfg.lora_alpha, freeze_base=True)
     extra = {"task": "instruct", "base": os.fspath(base) if base is not None else None}
     history = fit(model, train_loader, val_loader, calc_loss_batch, cfg, extra)
     if samples:

@@ -205,8 +205,8 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None,
-                    eos_id=None, use_cache=None):
+def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None, *,
+                    top_p=None, use_cache=None):
     """Yield each step's next tokens, (B, 1), as soon as they are chosen; arguments as :func:`generate`.
 
     Finished rows (with ``eos_id``) yield ``eos_id``; the stream ends once every row has finished,
@@ -246,9 +246,12 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
         yield idx_next
 
 
-def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, eos_id=None, *, top_p=None,
              use_cache=None):
     """Generate up to ``max_new_tokens`` tokens after ``idx``; returns (B, T + n).
+
+    The positional arguments are the book's chapter-5 ``generate``, in its order and with its
+    defaults; ``top_p`` and ``use_cache`` are gptfast's additions and keyword-only.
 
     ``idx`` is a (B, T) tensor of token ids, or a list of 1-D prompts of different lengths (tensors or
     lists of ints); a list gives back a list of 1-D tensors, prompt then new tokens, each equal to
@@ -263,11 +266,13 @@ def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top
 
     ``use_cache``: ``None`` (default) uses a KV cache when the model supports one (gptfast's
     ``GPTModel``) and the book's recompute-everything loop otherwise; ``True`` insists on the cache,
-    ``False`` never uses it. Both give the same tokens (up to float rounding): past ``context_size``
+    ``False`` never uses it. Both give the book's tokens, under sampling too with the same seed (the
+    tests hold the cached path to the book's own ``generate``); past ``context_size``
     the cached path re-runs the last ``context_size`` tokens at each step, as the uncached one does.
     """
     rows, as_list = _as_rows(idx, _model_device(model))
-    stream = generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, use_cache)
+    stream = generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id, top_p=top_p,
+                             use_cache=use_cache)
     new = [t for t in stream]
     if not as_list:
         return torch.cat([idx, *new], dim=1) if new else idx

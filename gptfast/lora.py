@@ -9,7 +9,7 @@ reach ``A`` and ``B`` through it) and what :func:`merge_lora` folds in for infer
 
 >>> import torch, gptfast
 >>> model = gptfast.GPTModel(dict(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
->>> _ = gptfast.replace_linear_with_lora(model, rank=4, alpha=8)
+>>> _ = gptfast.replace_linear_with_lora(model, rank=4, alpha=8, freeze_base=True)
 >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
 1416
 """
@@ -84,11 +84,21 @@ def _replace(module, rank, alpha):
             _replace(child, rank, alpha)
 
 
-def replace_linear_with_lora(model, rank, alpha):
-    """Freeze every parameter of ``model``, then wrap each ``nn.Linear`` in a :class:`LinearWithLoRA`
-    (in place; the output head too, as in the book). Only the new ``A``/``B`` train. Returns ``model``."""
+def freeze_parameters(model):
+    """Set ``requires_grad=False`` on every parameter of ``model`` (the book's loop before LoRA). Returns it."""
     for param in model.parameters():
         param.requires_grad = False
+    return model
+
+
+def replace_linear_with_lora(model, rank, alpha, *, freeze_base=False):
+    """Wrap each ``nn.Linear`` of ``model`` in a :class:`LinearWithLoRA`, in place (the output head too),
+    as the book's appendix E does: nothing is frozen, the book freezes the model itself beforehand.
+
+    ``freeze_base=True`` first freezes every parameter already there, so only the new ``A``/``B`` train
+    (what ``gptfast finetune --lora-rank`` does). Returns ``model``."""
+    if freeze_base:
+        freeze_parameters(model)
     _replace(model, rank, alpha)
     return model
 
@@ -158,7 +168,7 @@ def load_lora(model, folder: str):
     with open(config_path) as f:
         cfg = json.load(f)
     if not lora_layers(model):
-        replace_linear_with_lora(model, int(cfg["rank"]), cfg["alpha"])
+        replace_linear_with_lora(model, int(cfg["rank"]), cfg["alpha"], freeze_base=True)
     device = next(model.parameters()).device
     saved = load_file(os.path.join(folder, ADAPTER_FILE), device=str(device))
     params = dict(model.named_parameters())

@@ -128,12 +128,13 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
 
 
 def train_model(model, train_loader, val_loader, optimizer, device, n_epochs, eval_freq, eval_iter, start_context,
-                tokenizer, warmup_steps, initial_lr=3e-05, min_lr=1e-6):
+                tokenizer, warmup_steps, initial_lr=3e-05, min_lr=1e-6, orig_book_version=False):
     """Appendix D's loop: linear warmup from ``initial_lr`` to the optimizer's lr over ``warmup_steps``,
     cosine decay to ``min_lr``, and gradient clipping (max norm 1) from the end of warmup on.
 
     Returns ``(train_losses, val_losses, track_tokens_seen, track_lrs)``; ``track_lrs`` has one lr per step.
-    Clipping starts at step ``warmup_steps`` (the book's first printing started one step later).
+    Clipping starts at step ``warmup_steps``; ``orig_book_version=True`` starts it one step later, as
+    the book's first printing did (the book's code takes the same flag).
     """
     train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
     tokens_seen, global_step = 0, -1
@@ -155,7 +156,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, n_epochs, ev
             track_lrs.append(lr)
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
-            if global_step >= warmup_steps:
+            if global_step >= warmup_steps + int(bool(orig_book_version)):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
             optimizer.step()
             tokens_seen += input_batch.numel()
@@ -169,10 +170,12 @@ def train_model(model, train_loader, val_loader, optimizer, device, n_epochs, ev
     return train_losses, val_losses, track_tokens_seen, track_lrs
 
 
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None):
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-plot.pdf", *, show=True):
     """The book's loss plot: training and validation loss against epochs, tokens seen on a second axis.
 
-    Returns the matplotlib figure; with ``path`` it is also saved there.
+    As the book, saves it to ``loss-plot.pdf`` and shows it (``plt.show()``, a no-op under a
+    non-interactive backend such as Agg). ``path=None`` saves nothing, ``show=False`` shows nothing.
+    Returns the matplotlib figure.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -190,6 +193,8 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path)
+    if show:
+        plt.show()
     return fig
 
 

@@ -112,9 +112,10 @@ def test_classification_reads_the_last_real_token(tok):
     short, long = tok.encode(HAM[0]), tok.encode(SPAM[0])
     batch = torch.tensor([short + [50256] * (len(long) - len(short)), long])
     with torch.no_grad():
-        got = classification_logits(model, batch)
+        got = classification_logits(model, batch, pool="last_token")
         alone = model(torch.tensor([short]))[:, -1]  # the short text by itself, no padding
-        book = classification_logits(model, batch, pad_token_id=None)  # the book: the last position
+        book = classification_logits(model, batch)  # the book's default: the last position
+        assert torch.equal(classification_logits(model, batch, pad_token_id=None, pool="last_token"), book)
     torch.testing.assert_close(got[0], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(book, model(batch)[:, -1].detach())
     assert not torch.allclose(book[0], got[0])
@@ -142,7 +143,15 @@ def test_classifier_training_lowers_the_loss_and_accuracy_counts(spam_csv, tok, 
     labels = torch.tensor([1] * 4 + [0] * 4)
     assert calc_accuracy_loader(eval_loader, model, "cpu") == pytest.approx((preds == labels).float().mean().item())
     assert classify_review(SPAM[0], model, tok, "cpu", max_length=ds.max_length) == ("spam" if preds[0] else "not spam")
-    assert classify_review(SPAM[0], model, tok, "cpu", labels=None) == int(preds[0])
+    assert classify_review(SPAM[0], model, tok, "cpu", max_length=ds.max_length, labels=None) == int(preds[0])
+    with torch.no_grad():  # unpadded, or padded and read at the last real token: the same logits
+        real = classification_logits(model, torch.tensor([tok.encode(SPAM[0])]))
+        padded = torch.tensor([tok.encode(SPAM[0]) + [50256] * 5])
+    assert classify_review(SPAM[0], model, tok, "cpu", labels=None) == int(real.argmax())
+    assert classify_review(SPAM[0], model, tok, "cpu", max_length=padded.shape[1], labels=None,
+                           pool="last_token") == int(real.argmax())
+    assert classify_review(SPAM[0], model, tok, "cpu", max_length=padded.shape[1], pad_token_id=None,
+                           labels=None) == int(real.argmax())
 
 
 # ---- instruction tuning (chapter 7) --------------------------------------------------------------

@@ -68,6 +68,17 @@ def test_forward_and_effective_weight_agree():
     torch.testing.assert_close(nn.functional.linear(x, w, b), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_replace_freezes_nothing_unless_asked():
+    model = tiny()
+    replace_linear_with_lora(model, rank=4, alpha=8)  # the book's function: freezing is the caller's job
+    assert all(p.requires_grad for p in model.parameters())
+    model = tiny()
+    gptfast.lora.freeze_parameters(model)  # the book's loop, then the book's call
+    replace_linear_with_lora(model, rank=4, alpha=8)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if n.endswith(("lora.A", "lora.B"))}
+
+
 def test_merged_equals_unmerged():
     model, idx = tiny(), tokens()
     replace_linear_with_lora(model, rank=4, alpha=8)
@@ -87,7 +98,7 @@ def test_merged_equals_unmerged():
 def test_only_lora_parameters_train():
     model, idx = tiny(), tokens()
     model.train()
-    replace_linear_with_lora(model, rank=4, alpha=8)
+    replace_linear_with_lora(model, rank=4, alpha=8, freeze_base=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora.A", "lora.B")) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -111,7 +122,7 @@ def test_save_and_load_only_the_adapters(tmp_path):
     from safetensors.torch import load_file
 
     model, idx = tiny(), tokens()
-    replace_linear_with_lora(model, rank=4, alpha=8)
+    replace_linear_with_lora(model, rank=4, alpha=8, freeze_base=True)
     perturb_adapters(model)
     with torch.no_grad():
         expected = model(idx)
