@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import wrap_triton
+
 # Archs whose every config compiles within the arch's limits (``python -m bench.resources --op attention``).
 SUPPORTED_ARCHS = (80, 86, 89, 90, 120)
 HEAD_DIMS = (16, 32, 64, 128)  # padded head widths the kernels are built for; D <= 128 is padded up
@@ -721,7 +723,7 @@ def _wrap(kernel):
     """wrap_triton, except that under Triton's interpreter -- where wrap_triton hands back the bare
     interpreted kernel -- a launch on FakeTensors (shape propagation, torch.compile tracing) does nothing,
     as the traced kernel call does on a GPU."""
-    wrapped = torch.library.wrap_triton(kernel)
+    wrapped = wrap_triton(kernel)
     if wrapped is not kernel:
         return wrapped
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import wrap_triton
+
 # --------------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def _matmul(a, b, bias, arch, *, epilogue=EPI_NONE, gelu_b=False, h=None):
     if epilogue == EPI_GELU:
         h = torch.empty((m, n), device=a.device, dtype=a.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    torch.library.wrap_triton(_ffn_matmul_kernel)[grid](
+    wrap_triton(_ffn_matmul_kernel)[grid](
         a, b, c, bias if bias is not None else c, h if h is not None else c,
         m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, GELU_B=gelu_b,

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import wrap_triton
+
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def _launch_fwd(x, branch, weight, bias, eps, arch):
         return s, y, mean, rstd
     br = branch if has_res else x
     grid = (triton.cdiv(m, cfg["FWD_ROWS"]),)
-    torch.library.wrap_triton(_layer_norm_fwd_kernel)[grid](
+    wrap_triton(_layer_norm_fwd_kernel)[grid](
         x, br, s, y, weight, bias, mean, rstd, x.stride(0), br.stride(0), m, n, eps,
         ROWS=cfg["FWD_ROWS"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=has_res,
         num_warps=cfg["fwd_warps"], num_stages=cfg["num_stages"],
@@ -303,7 +305,7 @@ def _launch_bwd(dy, x, weight, mean, rstd, dres, arch):
     partial_db = torch.empty((g, n), dtype=torch.float32, device=x.device)
     has_dres = dres is not None
     dr = dres if has_dres else dy
-    torch.library.wrap_triton(_layer_norm_bwd_kernel)[(g,)](
+    wrap_triton(_layer_norm_bwd_kernel)[(g,)](
         dy, x, weight, mean, rstd, dr, dx, partial_dw, partial_db,
         dy.stride(0), x.stride(0), dr.stride(0), m, n,
         ROWS=cfg["BWD_ROWS"], BLOCK_N=cfg["BLOCK_N"], HAS_DRES=has_dres,
