@@ -16,6 +16,18 @@ from .viz import attention_weights, plot_attention
 
 __version__ = "0.1.0"
 
+_BOOK_ONLY = {
+    "ch03": ("SelfAttention_v1", "SelfAttention_v2", "CausalAttention", "MultiHeadAttentionWrapper",
+             "PyTorchMultiHeadAttention"),
+    "ch04": ("FeedForwardFast", "TransformerBlockFast", "GPTModelFast"),
+    "ch05": ("assign", "download_and_load_gpt2", "download_file", "load_gpt2_params_from_tf_ckpt"),
+    "ch06": ("download_and_unzip_spam_data", "create_balanced_dataset", "random_split", "plot_values"),
+    "ch07": ("download_and_load_file", "custom_collate_draft_1", "custom_collate_draft_2", "check_if_running",
+             "query_model", "generate_model_scores"),
+    "appendix_a": ("NeuralNetwork", "ToyDataset"),
+    "appendix_d": ("find_highest_gradient",),
+}
+
 # Parts that arrive with their own modules; imported lazily so a missing one never breaks the rest.
 _LAZY = {
     "Tokenizer": ("gptfast.tokenizer", "Tokenizer"),
@@ -34,6 +46,10 @@ _LAZY = {
     **{n: ("gptfast.instruct", n) for n in ("format_input", "InstructionDataset", "custom_collate_fn",
                                             "extract_response", "generate_response")},
     "generate_stream": ("gptfast.generation", "generate_stream"),
+    "freeze_parameters": ("gptfast.lora", "freeze_parameters"),
+    # the rest of the book's names (gptfast.book mirrors its modules); those that would collide with the
+    # names above -- chapter 6's losses, the KV-cache chapter's GPTModel -- stay in gptfast.book only
+    **{n: ("gptfast.book." + m, n) for m, names in _BOOK_ONLY.items() for n in names},
 }
 
 
@@ -56,5 +72,6 @@ __all__ = [
     "load_weights_into_gpt", "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "merge_lora", "save_lora",
     "load_lora", "SpamDataset", "ClassificationDataset", "prepare_for_classification", "calc_accuracy_loader",
     "train_classifier_simple", "classify_review", "format_input", "InstructionDataset", "custom_collate_fn",
-    "extract_response", "generate_response",
+    "extract_response", "generate_response", "freeze_parameters",
+    *(n for names in _BOOK_ONLY.values() for n in names),
 ]

@@ -72,6 +72,12 @@ class GPTConfig:
         self.qkv_bias = bool(self.qkv_bias)
         self.tie_weights = bool(self.tie_weights)
 
+    def __getitem__(self, key: str):
+        """``cfg["emb_dim"]``: read like the book's config dict, so the book's code runs on gptfast's models."""
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
