@@ -10,7 +10,8 @@ Which one runs is decided per op and per call, by the first of these that names 
 4. ``"auto"``.
 
 A choice is a name (``"auto"``, ``"reference"``, ``"triton"``) for every op, or a dict keyed by op
-(``"layer_norm"`` -- which covers ``add_layer_norm`` --, ``"feed_forward"``, ``"attention"``), e.g.
+(``"layer_norm"`` -- which covers ``add_layer_norm`` --, ``"feed_forward"``, ``"attention"``,
+``"linear_cross_entropy"``), e.g.
 ``{"attention": "triton", "layer_norm": "reference"}``; an op a dict leaves out falls through to the
 next rule. ``GPTFAST_BACKEND`` takes a name or ``"attention=triton,layer_norm=reference"``.
 
@@ -36,7 +37,7 @@ import torch
 
 from . import reference
 
-OPS = ("layer_norm", "feed_forward", "attention")
+OPS = ("layer_norm", "feed_forward", "attention", "linear_cross_entropy")
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "GPTFAST_BACKEND"
 
@@ -45,6 +46,7 @@ _KERNEL_MODULES = {
     "layer_norm": "gptfast.kernels.layer_norm",
     "feed_forward": "gptfast.kernels.feed_forward",
     "attention": "gptfast.kernels.attention",
+    "linear_cross_entropy": "gptfast.kernels.linear_cross_entropy",
 }
 
 # The choices of the enclosing `use_backend` blocks, innermost last. A plain list (not a ContextVar):
@@ -224,9 +226,9 @@ def describe(device=None) -> str:
     for op in OPS:
         try:
             c = choose(op, torch.device(device))
-            lines.append(f"{op:<13} {c.implementation:<10} {c.why}")
+            lines.append(f"{op:<20} {c.implementation:<10} {c.why}")
         except (RuntimeError, NotImplementedError, ValueError) as e:
-            lines.append(f"{op:<13} {'error':<10} {e}")
+            lines.append(f"{op:<20} {'error':<10} {e}")
     return "\n".join(lines)
 
 
@@ -396,3 +398,59 @@ def c_module(op):
 def _unsupported(module, fn_name, *args):
     check = getattr(module, "unsupported_reason", None)
     return check(fn_name, *args) if check is not None else None
+
+
+def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, backend=None):
+    """``F.cross_entropy(x @ weight.T + bias, targets)`` without materializing the (rows, vocab) logits.
+
+    x: (..., E); weight: (V, E) (an output head in ``nn.Linear`` layout); bias: (V,) or None;
+    targets: (...) integer class ids matching x's leading dims. ``ignore_index``, ``reduction``
+    (``"mean"`` over the rows not ignored -- NaN when every row is --, ``"sum"``, ``"none"``) and
+    ``label_smoothing`` mean what they mean in ``F.cross_entropy``; ``z_loss`` adds
+    ``z_loss * logsumexp(logits)^2`` to each row's loss (PaLM's auxiliary loss), reduced the same way.
+
+    Returns a float32 tensor (float64 for float64 inputs): a scalar, or the per-row losses of shape
+    ``targets.shape`` (0 on ignored rows) for ``reduction="none"``. Gradients flow to x, weight and
+    bias. The logits are computed in the inputs' dtype and the softmax statistics in float32.
+    """
+    (x, weight, bias), ctx = _autocast("low", x.device.type, (x, weight, bias))
+    named = [("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    _check_same("linear_cross_entropy", named)
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: weight must be (vocab, {x.shape[-1] if x.dim() else '?'}) for x "
+                         f"of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"linear_cross_entropy: bias must be ({vocab},), got {tuple(bias.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex():
+        raise TypeError("linear_cross_entropy: targets must be an integer tensor of class ids")
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: targets have shape {tuple(targets.shape)} but x's leading dims are "
+                         f"{tuple(x.shape[:-1])}")
+    if targets.device != x.device:
+        raise ValueError(f"linear_cross_entropy: targets are on {targets.device} but x is on {x.device}")
+    if reduction not in reference.LOSS_REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(reference.LOSS_REDUCTIONS)}, "
+                         f"got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
+    shape = targets.shape
+    rows, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1).long()  # (N, E), (N,)
+    if not torch.compiler.is_compiling() and targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bad.any():
+            raise ValueError(f"linear_cross_entropy: a target is outside 0..{vocab - 1} and is not ignore_index "
+                             f"({ignore_index}), e.g. {targets[bad][0].item()}")
+    c = choose("linear_cross_entropy", x.device, backend,
+               lambda m: _unsupported(m, "linear_cross_entropy", rows, weight, bias))
+    options = dict(bias=bias, ignore_index=int(ignore_index), reduction=reduction,
+                   label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+    with ctx:
+        if c.implementation == "triton":
+            out = c_module("linear_cross_entropy").linear_cross_entropy(rows, weight, targets, **options, arch=c.arch)
+        else:
+            out = reference.linear_cross_entropy(rows, weight, targets, **options)
+    return out.view(shape) if reduction == "none" else out

@@ -13,6 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .loss import REDUCTIONS as LOSS_REDUCTIONS
+from .loss import linear_cross_entropy  # noqa: F401  (the chunked teaching version)
+
 
 def layer_norm(x, weight, bias, eps=1e-5):
     """LayerNorm over the last dimension with biased variance: ``weight * (x - mean) / sqrt(var + eps) + bias``.
