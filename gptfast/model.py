@@ -219,14 +219,25 @@ class GPTModel(nn.Module):
         if in_idx.device != device:
             raise ValueError(f"the token ids are on {in_idx.device} but the model is on {device}; move one of them")
 
-    def forward(self, in_idx, return_attn_weights=False, cache=None):
+    def forward(self, in_idx, return_attn_weights=False, cache=None, *, targets=None):
         """(B, T) token ids -> (B, T, vocab_size) logits; with ``return_attn_weights`` also a list with
         each block's (B, H, T, T) attention weights (computed by the reference attention).
 
         With ``cache`` (a :class:`~gptfast.kv_cache.KVCache`) the tokens continue each row's cached
         ones: token i of row b sits at position ``cache.seqlens[b] + i``, and the cache then holds them too.
+
+        With ``targets`` ((B, T) token ids, -100 to ignore a position) it returns the mean cross-entropy
+        loss instead -- the book's ``F.cross_entropy(logits.flatten(0, 1), targets.flatten())`` -- as a
+        float32 scalar, through :func:`gptfast.ops.linear_cross_entropy`, which never materializes the
+        (B, T, vocab_size) logits.
         """
+        if targets is not None and (return_attn_weights or cache is not None):
+            raise ValueError("GPTModel: targets= returns the loss alone; call the model without targets to get "
+                             "attention weights or to decode with a KV cache")
         self.check_input(in_idx)
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != in_idx.shape):
+            raise ValueError(f"GPTModel: targets must be a tensor of token ids shaped like the input "
+                             f"{tuple(in_idx.shape)}, got {getattr(targets, 'shape', type(targets).__name__)}")
         batch_size, seq_len = in_idx.shape
         tok_embeds = self.tok_emb(in_idx)  # (B, T, E)
         if cache is None:
@@ -249,6 +260,9 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.advance(seq_len)
         x = self.final_norm(x)
+        if targets is not None:
+            weight, bias = linear_weight_and_bias(self.out_head)  # a tied or LoRA-wrapped head too
+            return ops.linear_cross_entropy(x, weight, targets.to(x.device), bias=bias, backend=self.backend)
         logits = self.out_head(x)  # (B, T, vocab_size)
         return (logits, weights) if return_attn_weights else logits
 

@@ -621,8 +621,8 @@ class Trainer:
             sync = self.wrapped.no_sync() if (not last and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
             with sync:
                 with self.autocast:
-                    logits = self.step_fn(x)  # (B, T, V)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / cfg.grad_accum
+                    # the book's mean cross-entropy, with the head fused into the loss: no (B, T, V) logits
+                    loss = self.step_fn(x, targets=y) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         d = _dist()
@@ -654,8 +654,7 @@ class Trainer:
         for x, y in batches:
             rows = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
             with self.autocast:
-                logits = self.step_fn(x[rows].to(self.device))  # (B, T, V)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y[rows].to(self.device).flatten())
+                total += self.step_fn(x[rows].to(self.device), targets=y[rows].to(self.device))
         d = _dist()
         if d is not None:
             d.all_reduce(total, op=d.ReduceOp.SUM)

@@ -227,3 +227,159 @@ def test_memory_is_bounded_by_the_inputs(backend, rows, width, vocab):
     peak = _peak_bytes(lambda: ops.linear_cross_entropy(x, w, t, backend=backend).backward())
     assert peak <= bound * x.element_size(), (peak, bound * x.element_size())
     assert torch.isfinite(loss)
+
+
+# -------------------------------------------------------------------------------------------------
+# The model and the trainer through it
+# -------------------------------------------------------------------------------------------------
+
+CFG = dict(vocab_size=97, context_length=12, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+def _batch(cfg, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]), generator=g)
+    targets = torch.randint(0, cfg["vocab_size"], idx.shape, generator=g)
+    targets[0, :3] = -100  # e.g. padding or a masked prompt
+    return idx, targets
+
+
+def _book_loss(model, idx, targets):
+    logits = model(idx)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+                           targets.flatten())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("head", ["reference", "triton"])
+def test_model_with_targets_is_the_books_training_step(head, tied):
+    # the same step with the fused head and with the book's logits: loss and every parameter gradient,
+    # against an fp64 copy, within twice the fp32 error of the book's step; scales from SummedTerms
+    from tolerance import SummedTerms
+
+    cfg = dict(CFG, tie_weights=tied)
+    torch.manual_seed(0)
+    book = GPTModel(cfg, backend="reference")
+    fused = GPTModel(cfg, backend={"linear_cross_entropy": head}).float()
+    fused.load_state_dict(book.state_dict())
+    model64 = GPTModel(cfg, backend="reference").double()
+    model64.load_state_dict(book.state_dict())
+    idx, targets = _batch(cfg)
+    terms = SummedTerms(model64)
+    with terms:
+        loss64 = _book_loss(model64, idx, targets)
+        loss64.backward()
+    loss_book = _book_loss(book, idx, targets)
+    loss_book.backward()
+    loss = fused(idx, targets=targets)
+    loss.backward()
+    assert loss.shape == () and loss.dtype == torch.float32
+    head_name = "tok_emb.weight" if tied else "out_head.weight"
+    assert_close("loss", loss, loss64, loss_book, torch.float32, scale=terms.outputs[head_name].max() * 2)
+    for (name, p), q, r in zip(book.named_parameters(), fused.parameters(), model64.parameters()):
+        assert_close(f"grad {name}", q.grad, r.grad, p.grad, torch.float32, scale=terms.grads[name])
+
+
+def test_model_without_targets_still_returns_logits_and_refuses_mixed_calls():
+    model = GPTModel(CFG)
+    idx, targets = _batch(CFG)
+    assert model(idx).shape == (2, 12, 97)
+    with pytest.raises(ValueError, match="targets= returns the loss alone"):
+        model(idx, True, targets=targets)
+    with pytest.raises(ValueError, match="targets must be"):
+        model(idx, targets=targets[:, :5])
+
+
+@pytest.mark.parametrize("head", ["reference", "triton"])
+def test_lora_head_gradients(head):
+    # a LoRA-wrapped out_head: the fused loss takes its effective weight, and A, B get the book's gradients
+    from gptfast.lora import replace_linear_with_lora
+
+    grads = []
+    idx, targets = _batch(CFG)
+    for fused in (False, True):
+        torch.manual_seed(1)
+        model = GPTModel(CFG, backend={"linear_cross_entropy": head})
+        replace_linear_with_lora(model, rank=4, alpha=8, freeze_base=True)
+        torch.nn.init.normal_(model.out_head.lora.B, std=0.1)  # a fresh LoRA is zero; make it count
+        loss = model(idx, targets=targets) if fused else _book_loss(model, idx, targets)
+        loss.backward()
+        grads.append([loss.detach(), model.out_head.lora.A.grad, model.out_head.lora.B.grad])
+    for book, ours in zip(*grads):
+        assert book.abs().sum() > 0
+        torch.testing.assert_close(ours, book, atol=1e-5, rtol=1e-4)
+
+
+def _book_model(cfg, backend):
+    class BookLoss(GPTModel):
+        """The book's loss: all the logits, then F.cross_entropy."""
+
+        def forward(self, in_idx, *args, targets=None, **kwargs):
+            logits = super().forward(in_idx, *args, **kwargs)
+            return logits if targets is None else _book_loss_from(logits, targets)
+
+    return BookLoss(cfg, backend=backend)
+
+
+def _book_loss_from(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@pytest.mark.parametrize("head", ["reference", "triton"])
+def test_trainer_metrics_keep_the_books_loss(head, tmp_path):
+    import json
+
+    import numpy as np
+
+    from gptfast.data import TokenShards, write_shards
+    from gptfast.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    docs = [np.tile(rng.integers(0, 255, size=7), 40) for _ in range(3)]
+    write_shards(docs, str(tmp_path / "shards"), "gpt2", 256, 255, shard_tokens=400)
+    tiny = dict(vocab_size=256, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0)
+    runs = []
+    for name, make in (("fused", GPTModel), ("book", _book_model)):
+        torch.manual_seed(0)
+        model = make(tiny, backend={"linear_cross_entropy": head})
+        train, val = TokenShards(str(tmp_path / "shards")).split(0.1)
+        cfg = TrainConfig(out_dir=str(tmp_path / name), steps=3, batch_size=2, warmup=1, lr=3e-3, eval_every=3,
+                          eval_iters=1, progress=False, sample_tokens=0)
+        Trainer(model, train, val, cfg).fit()
+        runs.append([json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    fused, book = runs
+    assert [r["step"] for r in fused] == [1, 2, 3]
+    for a, b in zip(fused, book):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert fused[-1]["val_loss"] == pytest.approx(book[-1]["val_loss"], rel=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU only
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [768, 1600])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpt2_head_on_gpu(width, dtype):
+    x, w, b, t = _inputs(1023, width, 50257, bias=False)
+    x, w = x.cuda(), w.cuda()
+    t = t.cuda()
+    upstream = torch.tensor(1.0, device="cuda")
+    ref, g64 = _run(_book, x, w, None, t, torch.float64, upstream)
+    base, g_lp = _run(_book, x, w, None, t, dtype, upstream)
+    loss, grads = _run(lambda *a, **k: ops.linear_cross_entropy(*a, **k, backend="triton"), x, w, None, t, dtype,
+                       upstream)
+    terms = _summed_terms(x.to(dtype), w.to(dtype), None, t, upstream)
+    assert_close("loss", loss, ref, base, dtype, scale=terms["loss"])
+    for name, g, r, lp in zip(("x", "weight"), grads, g64, g_lp):
+        assert_close(f"d{name}", g, r, lp, dtype, scale=terms[name])
+
+
+@pytest.mark.gpu
+def test_torch_compile_keeps_the_op():
+    x, w, b, t = (a.cuda() for a in _inputs(256, 64, 1000))
+    fn = torch.compile(lambda *a: ops.linear_cross_entropy(*a[:3], bias=a[3], backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(x.float(), w.float(), t, b.float()), _book(x, w, t, bias=b).float(),
+                               atol=1e-4, rtol=1e-4)
