@@ -235,12 +235,16 @@ def finetune_classifier(base, data, cfg: FinetuneConfig, *, tokenizer=None, text
     return model, history
 
 
+def instruct_loss_batch(input_batch, target_batch, model, device):
+    """The book's ``calc_loss_batch`` -- the mean cross-entropy over the targets that are not -100 --
+    with the output head fused into the loss (``model(x, targets=y)``), so no (B, T, V) logits exist."""
+    return model(input_batch.to(device), targets=target_batch.to(device))
+
+
 def finetune_instructions(base, data, cfg: FinetuneConfig, *, tokenizer=None, max_length=None, val_fraction=0.05,
                           samples=3, max_new_tokens=256, backend=None, model=None):
     """Chapter 7 end to end: instruction-tune ``base`` on the JSON ``data``; writes ``responses.json``
     for up to ``samples`` validation entries. Returns (model, history)."""
-    from .train import calc_loss_batch
-
     check_out_dir(cfg.out_dir)
     tokenizer = tokenizer or default_tokenizer()
     torch.manual_seed(cfg.seed)
@@ -260,7 +264,7 @@ def finetune_instructions(base, data, cfg: FinetuneConfig, *, tokenizer=None, ma
     if cfg.lora_rank:
         replace_linear_with_lora(model, cfg.lora_rank, cfg.lora_alpha, freeze_base=True)
     extra = {"task": "instruct", "base": os.fspath(base) if base is not None else None}
-    history = fit(model, train_loader, val_loader, calc_loss_batch, cfg, extra)
+    history = fit(model, train_loader, val_loader, instruct_loss_batch, cfg, extra)
     if samples:
         out = []
         for entry in val_entries[:samples]:

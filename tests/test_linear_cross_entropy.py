@@ -383,3 +383,26 @@ def test_torch_compile_keeps_the_op():
     fn = torch.compile(lambda *a: ops.linear_cross_entropy(*a[:3], bias=a[3], backend="triton"), fullgraph=True)
     torch.testing.assert_close(fn(x.float(), w.float(), t, b.float()), _book(x, w, t, bias=b).float(),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_instruct_finetuning_loss_is_the_books():
+    # chapter 7's batches: padding and the masked tail are -100; a LoRA-wrapped model, tied head
+    from gptfast.finetune import instruct_loss_batch
+    from gptfast.lora import replace_linear_with_lora
+    from gptfast.train import calc_loss_batch
+
+    torch.manual_seed(0)
+    model = GPTModel(dict(CFG, tie_weights=True))
+    replace_linear_with_lora(model, rank=2, alpha=4, freeze_base=True)
+    idx, targets = _batch(CFG)
+    targets[1, 7:] = -100
+    losses = []
+    for fn in (calc_loss_batch, instruct_loss_batch):
+        model.zero_grad()
+        loss = fn(idx, targets, model, torch.device("cpu"))
+        loss.backward()
+        losses.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (book, g_book), (ours, g_ours) = losses
+    torch.testing.assert_close(ours, book, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_ours, g_book):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
