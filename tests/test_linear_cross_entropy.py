@@ -406,3 +406,22 @@ def test_instruct_finetuning_loss_is_the_books():
     torch.testing.assert_close(ours, book, atol=1e-6, rtol=1e-5)
     for a, b in zip(g_ours, g_book):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_every_config_has_a_resource_spec():
+    from gptfast.kernels import linear_cross_entropy as K
+
+    for arch in K.SUPPORTED_ARCHS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            labels = [s["label"] for s in K.resource_specs(arch, dtype)]
+            assert len(labels) == 3  # forward, dx, dW
+            for cfg in K.configs(arch, dtype):
+                assert all(f"{cfg['BLOCK_M']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']}" in label for label in labels)
+
+
+def test_kernel_is_deterministic():
+    x, w, b, t = (a.float() if a.is_floating_point() else a for a in _inputs(70, 24, 200))
+    runs = [_run(lambda *a, **k: ops.linear_cross_entropy(*a, **k, backend="triton"), x, w, b, t, torch.float32,
+                 torch.tensor(1.0)) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1]))
