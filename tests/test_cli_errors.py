@@ -94,8 +94,9 @@ def _device_argv(command, device, trained, text, tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "generate", "finetune"])
 @pytest.mark.parametrize("device, message", [
-    ("cuda", "--device cuda: this PyTorch"),          # generate used to fail with a pin_memory traceback
-    ("mps", "--device mps: this PyTorch"),
+    # the reason after the colon differs between a CPU-only build and a CUDA build on a machine without a GPU
+    ("cuda", "--device cuda: "),          # generate used to fail with a pin_memory traceback
+    ("mps", "--device mps: "),
     ("banana", "--device 'banana' is not a device: use cpu, cuda, cuda:N or mps"),
 ])
 def test_a_device_this_machine_lacks_is_named_before_any_work(command, device, message, trained, text, tmp_path,
