@@ -124,12 +124,24 @@ def aligned_attrs(kernel, signature):
             if ty.startswith("*") or ty in ("i32", "i64", "u32", "u64")}
 
 
+def static_compile_supported() -> bool:
+    """Whether this triton compiles a kernel for a named GPU the way :func:`compile_spec` asks (3.3 and later)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource).parameters
+
+
 def compile_spec(spec, arch):
     """Compile one spec for ``sm_<arch>``; returns (registers, spill_stores, spill_loads, shared_bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if not static_compile_supported():
+        raise RuntimeError(f"bench.resources compiles kernels through triton's ASTSource(constexprs=...), which "
+                           f"triton {triton.__version__} lacks; install triton >= 3.3 to run it")
     src = ASTSource(fn=spec["kernel"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
                     attrs=spec.get("attrs", aligned_attrs(spec["kernel"], spec["signature"])))
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
