@@ -362,6 +362,11 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _torch_older_than(major: int, minor: int) -> bool:
+    found = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return found < (major, minor)
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -475,6 +480,9 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         self.is_main = self.rank == 0
+        if config.fsdp and self.world > 1 and self.device.type == "cpu" and _torch_older_than(2, 7):
+            raise ValueError(f"fsdp on CPU processes needs torch >= 2.7 (torch {torch.__version__}'s FSDP needs "
+                             "CUDA streams); run it on GPUs, upgrade torch, or drop --fsdp to train with DDP")
 
     # ---- setup ---------------------------------------------------------------------------------
 
