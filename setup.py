@@ -76,6 +76,9 @@ setup(
             "hypothesis",
             "transformers",
             "tiktoken==0.14.0",
+            # the book's chapter code (llms-from-scratch, installed with --no-deps) needs these two
+            "pandas",
+            "psutil",
             # Triton 3.2's CPU interpreter (torch 2.6's triton) cannot launch kernels with numpy 2.4
             # ("only 0-dimensional arrays can be converted to Python scalars"); newer triton can.
             "numpy<2.4",
