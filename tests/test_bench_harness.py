@@ -372,3 +372,20 @@ def test_resources_smoke_run():
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=_env_without_interpreter())
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sm_86" in out.stdout and "compiled" in out.stdout
+
+
+def test_batch_fit_searches_the_largest_batch_and_skips_on_a_cpu():
+    from bench import cases_batch_fit
+
+    for limit in (0, 1, 3, 16, 17, 300, 512, 10_000):
+        tried = []
+
+        def fits(b, limit=limit):
+            tried.append(b)
+            return b <= limit
+
+        assert cases_batch_fit.largest_batch(fits) == min(limit, cases_batch_fit.MAX_BATCH)
+        assert max(tried) <= cases_batch_fit.MAX_BATCH
+    ctx = Context("cpu", DeviceInfo("cpu", "x", "x"), quick=True, dry_run=True)
+    assert cases_batch_fit.cases(ctx) == []
+    assert any(r.startswith("train.batch_fit") and "CUDA" in r for r in ctx.skipped)
