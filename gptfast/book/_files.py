@@ -38,7 +38,7 @@ def fetch(source, destination, backup_url=None):
     naming the file to place and where."""
     destination = os.fspath(destination)
     name = os.path.basename(destination)
-    local = _local_source(source, os.path.basename(urllib.parse.urlparse(os.fspath(source)).path) or name)
+    local = _local_source(source, name)  # a folder must hold the file under the name it is saved as
     folder = os.path.dirname(os.path.abspath(destination))
     os.makedirs(folder, exist_ok=True)
     if local is not None:
