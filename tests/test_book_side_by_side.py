@@ -139,7 +139,7 @@ def test_ch05_tensorflow_is_imported_only_when_called():
     import sys
 
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is not None:
-        pytest.skip("TensorFlow is installed here; the missing-TensorFlow message cannot be shown")
+        pytest.skip(reason="TensorFlow is installed here; the missing-TensorFlow message cannot be shown")
     with pytest.raises(ImportError, match="pip install tensorflow"):
         ch05.load_gpt2_params_from_tf_ckpt("model.ckpt", {"n_layer": 1})
 

@@ -235,7 +235,7 @@ def test_row_offsets_are_64_bit_in_the_sm90_ptx(tmp_path):
     from bench.resources import static_compile_supported
 
     if not static_compile_supported():
-        pytest.skip("compiling for a named GPU needs triton >= 3.3")
+        pytest.skip(reason="compiling for a named GPU needs triton >= 3.3")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # compile for a real GPU
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
