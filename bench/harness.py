@@ -539,9 +539,7 @@ def run(device: str | None = None, quick: bool | None = None, only: str | None =
     Bad arguments raise ``gptfast.cli.CommandError`` before anything runs. With ``dry_run`` it prints
     the plan and every case's budget, runs nothing, and returns ``[]``.
     """
-    check_device(device)
-    check_only(only)
-    if save_results:
+    if save_results:  # the device and --only are checked by make_plan, before anything is built
         check_out(out_dir)
     out_dir = out_dir or default_out_dir()
     start = time.perf_counter()

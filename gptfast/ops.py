@@ -441,7 +441,10 @@ def linear_cross_entropy(x, weight, targets, *, bias=None, ignore_index=-100, re
     rows, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1).long()  # (N, E), (N,)
     if not torch.compiler.is_compiling() and targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bad.any():
+        if targets.device.type != "cpu":  # checked on the device, as F.cross_entropy does: no sync per step
+            torch._assert_async(~bad.any(), f"linear_cross_entropy: a target is outside 0..{vocab - 1} "
+                                            f"and is not ignore_index ({ignore_index})")
+        elif bad.any():
             raise ValueError(f"linear_cross_entropy: a target is outside 0..{vocab - 1} and is not ignore_index "
                              f"({ignore_index}), e.g. {targets[bad][0].item()}")
     c = choose("linear_cross_entropy", x.device, backend,
