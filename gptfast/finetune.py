@@ -25,24 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import checkpoint
+from .data import default_tokenizer
 from .classify import (DatasetError, ClassificationDataset, calc_accuracy_loader, calc_loss_batch as classify_loss_batch,
                        prepare_for_classification)
 from .instruct import InstructionDataset, custom_collate_fn, generate_response, load_instruction_data
 from .lora import merged_state_dict, replace_linear_with_lora, save_lora
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def default_tokenizer():
-    """GPT-2's BPE: gptfast's own tokenizer when available, else tiktoken's (the same ids)."""
-    try:
-        from .tokenizer import Tokenizer
-
-        return Tokenizer.gpt2()
-    except ImportError:
-        import tiktoken
-
-        return tiktoken.get_encoding("gpt2")
 
 
 @dataclass
