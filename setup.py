@@ -55,7 +55,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["gptfast", "gptfast.commands", "gptfast.kernels", "gptfast.bench"],
+    packages=["gptfast", "gptfast.book", "gptfast.commands", "gptfast.kernels", "gptfast.bench"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
     package_data={"gptfast": ["assets/*.tiktoken"], "gptfast.bench": ["results/*.json", "results/*.png"]},
     ext_modules=_bpe_extension(),
@@ -67,6 +67,8 @@ setup(
         "safetensors",
         "matplotlib",
         "tqdm",
+        # TOML run configs (--config): the standard library's tomllib from Python 3.11
+        "tomli; python_version < '3.11'",
     ],
     extras_require={
         "test": [
@@ -84,6 +86,9 @@ setup(
             "numpy<2.4",
         ],
         "hub": ["huggingface_hub"],
+        # training logs beyond metrics.jsonl and CSV: gptfast train --log tensorboard / --log wandb
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
 )
