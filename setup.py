@@ -55,7 +55,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["gptfast", "gptfast.book", "gptfast.commands", "gptfast.kernels", "gptfast.bench"],
+    packages=["gptfast", "gptfast.book", "gptfast.book.kv_cache", "gptfast.commands", "gptfast.kernels", "gptfast.bench"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels", "gptfast.bench": "bench"},
     package_data={"gptfast": ["assets/*.tiktoken"], "gptfast.bench": ["results/*.json", "results/*.png"]},
     ext_modules=_bpe_extension(),
