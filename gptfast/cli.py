@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 
-SUBCOMMANDS = ("bench", "tokenize", "train", "generate", "finetune")
+SUBCOMMANDS = ("bench", "tokenize", "train", "generate", "chat", "classify", "finetune")
 
 
 DEBUG_ENV = "GPTFAST_DEBUG"

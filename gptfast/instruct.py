@@ -38,6 +38,29 @@ def format_response(entry):
     return f"\n\n### Response:\n{entry['output']}"
 
 
+# The prompt templates an instruct run can be trained with, by the name its config.json stores under
+# "template". Each maps an entry to the prompt the model continues with its response.
+TEMPLATES = {"alpaca": format_input}
+DEFAULT_TEMPLATE = "alpaca"
+
+
+def template_of(config: dict) -> str | None:
+    """The template a run's ``config.json`` says its model was trained with: its ``"template"``, or
+    ``"alpaca"`` for an instruct run that predates that field (``task: instruct``); None otherwise."""
+    name = config.get("template")
+    if name is None and config.get("task") == "instruct":
+        name = DEFAULT_TEMPLATE
+    if name is not None and name not in TEMPLATES:
+        raise DatasetError(f"the run's config.json names the prompt template {name!r}, which this gptfast does not "
+                           f"know (known: {', '.join(sorted(TEMPLATES))}); upgrade gptfast, or pass --raw")
+    return name
+
+
+def apply_template(name: str, instruction: str, input_text: str = "") -> str:
+    """The prompt for one request under template ``name``: ``apply_template("alpaca", "Name a color.")``."""
+    return TEMPLATES[name]({"instruction": instruction, "input": input_text})
+
+
 def check_entries(data, where="the data"):
     """Raise :class:`DatasetError` unless ``data`` is a non-empty list of entries with text fields."""
     if not isinstance(data, list):
