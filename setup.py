@@ -85,6 +85,14 @@ setup(
             # ("only 0-dimensional arrays can be converted to Python scalars"); newer triton can.
             "numpy<2.4",
         ],
+        # the tokenizer's peers for `python -m bench --only tokenizer`, in a venv of their own: tokenizers
+        # 1.0 is a pre-release, and the test extra's transformers needs tokenizers<0.24
+        "bench": [
+            "tiktoken==0.14.0",
+            "gigatoken==0.10.0",
+            "tokenizers==1.0.0rc3",
+            "fastokens==0.3.5",
+        ],
         "hub": ["huggingface_hub"],
         # training logs beyond metrics.jsonl and CSV: gptfast train --log tensorboard / --log wandb
         "tensorboard": ["tensorboard"],
