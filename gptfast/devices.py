@@ -29,27 +29,41 @@ def _cuda_missing_reason() -> str:
     return f"PyTorch (CUDA {torch.version.cuda}) finds no CUDA GPU"
 
 
-def resolve_device(spec: str | None, *, local_rank: int = 0, flag: str = "--device") -> torch.device:
-    """The device named by ``spec`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``), checked to exist here.
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
-    ``None`` picks the GPU (``cuda:local_rank``) when there is one, else the CPU. Raises
+
+def auto_device(local_rank: int = 0) -> torch.device:
+    """The best device here: this process's CUDA GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(spec: str | None, *, local_rank: int = 0, flag: str = "--device") -> torch.device:
+    """The device named by ``spec`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), checked to exist here.
+
+    ``"auto"`` (and ``None``) picks :func:`auto_device`: cuda (``cuda:local_rank``), then mps, then cpu. Raises
     :class:`DeviceError` naming ``flag`` for a name torch does not know, a type gptfast does not run
     on, or a device this machine lacks.
 
     >>> resolve_device("cpu")
     device(type='cpu')
     """
-    if spec is None or spec == "":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if spec is None or spec == "" or spec == "auto":
+        return auto_device(local_rank)
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError, TypeError):
-        raise DeviceError(f"{flag} {spec!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+        raise DeviceError(f"{flag} {spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type not in KNOWN_TYPES:
         raise DeviceError(f"{flag} {spec!r}: gptfast runs on cpu, cuda or mps, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"{flag} {spec}: {_cuda_missing_reason()}; use --device cpu, or leave --device out "
+            raise DeviceError(f"{flag} {spec}: {_cuda_missing_reason()}; use --device cpu, or --device auto "
                               f"to use the GPU only when there is one")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:

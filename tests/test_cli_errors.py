@@ -97,7 +97,7 @@ def _device_argv(command, device, trained, text, tmp_path):
     # the reason after the colon differs between a CPU-only build and a CUDA build on a machine without a GPU
     ("cuda", "--device cuda: "),          # generate used to fail with a pin_memory traceback
     ("mps", "--device mps: "),
-    ("banana", "--device 'banana' is not a device: use cpu, cuda, cuda:N or mps"),
+    ("banana", "--device 'banana' is not a device: use auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_a_device_this_machine_lacks_is_named_before_any_work(command, device, message, trained, text, tmp_path,
                                                                capsys):
