@@ -46,6 +46,8 @@ _LAZY = {
     **{n: ("gptfast.instruct", n) for n in ("format_input", "InstructionDataset", "custom_collate_fn",
                                             "extract_response", "generate_response")},
     "generate_stream": ("gptfast.generation", "generate_stream"),
+    # gptfast.classify(run_or_model, texts): the module itself is callable (see gptfast/classify.py)
+    "classify": ("gptfast.classify", None),
     "freeze_parameters": ("gptfast.lora", "freeze_parameters"),
     # the rest of the book's names (gptfast.book mirrors its modules); those that would collide with the
     # names above -- chapter 6's losses, the KV-cache chapter's GPTModel -- stay in gptfast.book only
@@ -58,8 +60,14 @@ def __getattr__(name):
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        loaded = importlib.import_module(module)
+        return loaded if attr is None else getattr(loaded, attr)
     raise AttributeError(f"module 'gptfast' has no attribute {name!r}")
+
+
+def __dir__():
+    # the names loaded on first use too, so that tab completion offers them
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
@@ -72,6 +80,6 @@ __all__ = [
     "load_weights_into_gpt", "LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "merge_lora", "save_lora",
     "load_lora", "SpamDataset", "ClassificationDataset", "prepare_for_classification", "calc_accuracy_loader",
     "train_classifier_simple", "classify_review", "format_input", "InstructionDataset", "custom_collate_fn",
-    "extract_response", "generate_response", "freeze_parameters",
+    "extract_response", "generate_response", "freeze_parameters", "classify",
     *(n for names in _BOOK_ONLY.values() for n in names),
 ]

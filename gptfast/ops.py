@@ -90,12 +90,13 @@ def _check_backend_name(name, where):
         raise ValueError(f"{where}: unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
 
 
-def resolve(op: str, backend=None) -> tuple[str, str]:
-    """The backend name chosen for ``op`` and the rule that chose it."""
+def resolve(op: str, backend=None, backend_source: str = "the call's backend argument") -> tuple[str, str]:
+    """The backend name chosen for ``op`` and the rule that chose it (``backend_source`` names where
+    ``backend`` came from)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     rules = (
-        ("the call's backend argument", backend),
+        (backend_source, backend),
         ("gptfast.use_backend", _context_stack[-1] if _context_stack else None),
         (f"${ENV_VAR}", os.environ.get(ENV_VAR) or None),
     )
@@ -170,12 +171,13 @@ class Choice:
     arch: int | None = None  # the CUDA arch the kernel targets; None under the interpreter
 
 
-def choose(op: str, device: torch.device, backend=None, shape_check=None) -> Choice:
+def choose(op: str, device: torch.device, backend=None, shape_check=None,
+           backend_source: str = "the call's backend argument") -> Choice:
     """Decide which implementation of ``op`` runs for inputs on ``device``.
 
     ``shape_check(module) -> str | None`` asks the kernel whether it supports the inputs.
     """
-    name, rule = resolve(op, backend)
+    name, rule = resolve(op, backend, backend_source)
     if name == "reference":
         return Choice(op, "reference", name, rule, f"{rule} asked for the reference")
     explicit = name == "triton"
@@ -213,19 +215,30 @@ def choose(op: str, device: torch.device, backend=None, shape_check=None) -> Cho
     return Choice(op, "triton", name, rule, f"{rule} -> {name}: kernel on {where}", arch)
 
 
-def describe(device=None) -> str:
-    """Which implementation each op uses now, and why, for inputs on ``device`` (default: the GPU if any).
+def describe(target=None) -> str:
+    """Which implementation each op uses now, and why: for a model (its own backend, on the device of
+    its parameters), or for inputs on a device (default: the GPU if any) under the global rules.
 
     >>> print(gptfast.describe("cpu"))  # doctest: +SKIP
     layer_norm    reference  auto: the inputs are on the CPU
     ...
+    >>> print(gptfast.describe(model.set_backend("reference")))  # doctest: +SKIP
+    layer_norm    reference  the model's backend (set_backend) asked for the reference
     """
-    if device is None:
+    backend, source = None, "the call's backend argument"
+    if isinstance(target, torch.nn.Module):
+        source = "the model's backend (set_backend)"
+        backend = getattr(target, "backend", None)
+        param = next(target.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    elif target is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = target
     lines = []
     for op in OPS:
         try:
-            c = choose(op, torch.device(device))
+            c = choose(op, torch.device(device), backend, backend_source=source)
             lines.append(f"{op:<20} {c.implementation:<10} {c.why}")
         except (RuntimeError, NotImplementedError, ValueError) as e:
             lines.append(f"{op:<20} {'error':<10} {e}")
