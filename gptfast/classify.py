@@ -23,6 +23,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import sys
+import types
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -53,7 +56,10 @@ def _rows_of(source, where):
     return rows
 
 
-def _column(rows, wanted, where, role):
+_COLUMN_HINT = "Name the column with text_column=/label_column= (--text-column/--label-column)"
+
+
+def _column(rows, wanted, where, role, hint=_COLUMN_HINT):
     """The actual column name for ``wanted`` (exact, else case-insensitive)."""
     columns = list(rows[0].keys())
     if wanted in columns:
@@ -61,8 +67,7 @@ def _column(rows, wanted, where, role):
     folded = [c for c in columns if c is not None and c.strip().lower() == wanted.lower()]
     if folded:
         return folded[0]
-    raise DatasetError(f"{where} has no {role} column {wanted!r}; its columns are {columns}. "
-                       f"Name the column with text_column=/label_column= (--text-column/--label-column)")
+    raise DatasetError(f"{where} has no {role} column {wanted!r}; its columns are {columns}. {hint}")
 
 
 def _label_ids(values, labels, num_classes, where):
@@ -296,24 +301,50 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
 _BOOK_LABELS = ("not spam", "spam")
 
 
+def _classifier_folder(path):
+    """The step folder a classifier path means (a run folder's newest step, or the folder of a file in one)."""
+    from . import checkpoint
+
+    if os.path.isfile(path) and os.path.basename(path) in (checkpoint.MODEL_FILE, checkpoint.CONFIG_FILE):
+        path = os.path.dirname(path) or "."
+    if not os.path.isdir(path):
+        raise DatasetError(f"{path} does not exist: pass a run folder written by `gptfast finetune classify` "
+                           f"(or one of its step-N folders)")
+    if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+        return path
+    folder = checkpoint.latest_checkpoint(path)
+    if folder is None:
+        raise DatasetError(f"{path} holds no checkpoint (no step-N folder with {checkpoint.MODEL_FILE}): pass a "
+                           f"run folder written by `gptfast finetune classify`")
+    return folder
+
+
 def load_classifier(path, backend=None, *, device="cpu", dtype=None):
     """A classifier fine-tuned by ``gptfast finetune classify`` (a run folder or one step folder), with
     what its run stored: ``model.labels`` (the class names, or None for integer labels; what
-    :func:`classify_review` answers with), ``model.pad_token_id`` and ``model.max_length``."""
+    :func:`classify_review` answers with), ``model.pad_token_id``, ``model.max_length`` and
+    ``model.pool`` (how the run read its outputs: ``"last_token"``).
+
+    The run's ``config.json`` is checked before any weights are read: a folder that is not a classifier
+    raises :class:`DatasetError` at once."""
     from . import checkpoint
     from .weights import from_pretrained
 
     path = os.fspath(path)
-    folder = path if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)) else checkpoint.latest_checkpoint(path)
-    model = from_pretrained(path, backend, device=device, dtype=dtype)
-    raw = checkpoint.read_raw_config(folder) if folder is not None else {}
+    folder = _classifier_folder(path)
+    raw = checkpoint.read_raw_config(folder)
     if raw.get("task") != "classify":
+        hint = ("; it is an instruction-tuned run: talk to it with `gptfast chat`" if raw.get("task") == "instruct"
+                else "")
         raise DatasetError(f"{path} is not a classifier run (its config.json has task {raw.get('task')!r}); "
-                           f"pass a folder written by `gptfast finetune classify`")
+                           f"pass a folder written by `gptfast finetune classify`{hint}")
+    model = from_pretrained(folder, backend, device=device, dtype=dtype)
     model.labels = raw.get("labels")
     model.pad_token_id = raw.get("pad_token_id", PAD_TOKEN_ID)
     model.max_length = raw.get("max_length")
-    model.pool = "last_token"  # as the run trained
+    pool = raw.get("pool", "last_token")  # as the run trained
+    _check_pool(pool)
+    model.pool = pool
     return model
 
 
@@ -353,3 +384,122 @@ def classify_review(text, model, tokenizer, device, max_length=None, pad_token_i
         logits = classification_logits(model, input_tensor, pad_token_id, pool=pool)
     predicted_label = torch.argmax(logits, dim=-1).item()
     return predicted_label if labels is None else labels[predicted_label]
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifying texts with a fine-tuned run: gptfast.classify(run, texts)
+# --------------------------------------------------------------------------------------------------
+
+
+class Prediction(NamedTuple):
+    """One text's answer: the most likely class's ``label`` (its name, or the class id for a run trained
+    on integer labels) and its ``probability`` (the softmax of the class logits). A tuple, so
+    ``label, probability = prediction`` works too."""
+
+    label: "str | int"
+    probability: float
+
+
+def read_texts(path, text_column="Text"):
+    """The texts of a CSV file's ``text_column`` (matched exactly, else case-insensitively), as training
+    reads them; :class:`DatasetError` for a missing file or column, no rows, or an empty text."""
+    where = os.fspath(path)
+    rows = _rows_of(path, where)
+    if not rows:
+        raise DatasetError(f"{where} has no rows: write a header line and one text per row")
+    col = _column(rows, text_column, where, "text", hint="Name the text column with --text-column")
+    texts = [r[col] for r in rows]
+    for row, t in enumerate(texts):
+        if t is None or not str(t).strip():
+            raise DatasetError(f"{where}: row {row + 1} has an empty text")
+    return [str(t) for t in texts]
+
+
+def _encode_texts(texts, tokenizer, limit):
+    encoded = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DatasetError(f"text {i + 1} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise DatasetError(f"text {i + 1} is empty: give at least one character to classify")
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:  # the <|endoftext|> text, which only padding may be
+            raise DatasetError(f"text {i + 1} cannot be encoded: {e}") from None
+        encoded.append(ids[:limit])
+    return encoded
+
+
+def classify(run_or_model, texts, *, device=None, batch_size=16, tokenizer=None, backend=None):
+    """Classify ``texts`` with a classifier: a run folder (or step folder) written by ``gptfast finetune
+    classify``, or a model already loaded (:func:`load_classifier`, :func:`gptfast.finetune.finetune_classifier`).
+
+    Returns one :class:`Prediction` ``(label, probability)`` per text, in order; a single string gives a
+    single :class:`Prediction`. Texts are read as the run trained: encoded with GPT-2's tokenizer (or
+    ``tokenizer``), cut to the run's ``max_length`` (at most the context length), padded with its
+    ``pad_token_id`` and read at the position its ``pool`` names (the last real token), so a text gets the
+    same answer alone or in any batch of ``batch_size``. A model without the run's attributes is read the
+    book's way: unpadded, at the last position.
+
+    ``device``: where a run is loaded (default: cuda when available, else cpu); a model stays where it is.
+
+    >>> gptfast.classify("runs/spam", ["WINNER!! Claim your prize", "lunch at noon?"])   # doctest: +SKIP
+    [Prediction(label='spam', probability=0.97...), Prediction(label='ham', probability=0.99...)]
+    """
+    single = isinstance(texts, str)
+    texts = [texts] if single else list(texts)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if tokenizer is None:
+        from .data import default_tokenizer
+
+        tokenizer = default_tokenizer()
+    if isinstance(run_or_model, (str, os.PathLike)):
+        if device is None:
+            from .devices import resolve_device
+
+            device = resolve_device(None)
+        model = load_classifier(run_or_model, backend, device=device)
+    else:
+        model = run_or_model
+    device = next(model.parameters()).device
+    labels = getattr(model, "labels", None)
+    pool = getattr(model, "pool", "last")
+    _check_pool(pool)
+    pad = getattr(model, "pad_token_id", PAD_TOKEN_ID)
+    max_length = getattr(model, "max_length", None)
+    context = _context_length(model)
+    limit = context if max_length is None else min(int(max_length), context)
+    encoded = _encode_texts(texts, tokenizer, limit)
+    if pad is None or (pool == "last" and max_length is None):
+        batch_size = 1  # nothing to pad with, or the book's last position of an unpadded text: one at a time
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            width = limit if max_length is not None and pad is not None else max(map(len, chunk))
+            rows = [ids + [pad] * (width - len(ids)) for ids in chunk]
+            batch = torch.tensor(rows, dtype=torch.long, device=device)  # (B, T)
+            with torch.no_grad():
+                logits = classification_logits(model, batch, pad, pool=pool)  # (B, C)
+            probs = torch.softmax(logits.float(), dim=-1)
+            best = probs.argmax(dim=-1)
+            for b in range(len(chunk)):
+                k = int(best[b])
+                out.append(Prediction(labels[k] if labels else k, float(probs[b, k])))
+    finally:
+        model.train(was_training)
+    return out[0] if single else out
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``gptfast.classify(run, texts)`` is :func:`classify` even once
+    ``import gptfast.classify`` has made the package attribute this module."""
+
+    def __call__(self, *args, **kwargs):
+        return classify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
