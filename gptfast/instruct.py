@@ -1,6 +1,7 @@
 """Instruction fine-tuning, the book's chapter 7: the Alpaca prompt, its dataset, its collate function.
 
-Each entry is ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` may be empty). The
+Each entry is ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` may be empty), read from
+a JSON list (the book's file) or Alpaca-style JSONL, one entry per line. The
 model is trained on the whole prompt + response with the ordinary next-token loss; padding is the
 end-of-text token 50256, and only the first padding token of each row stays a target (so the model
 learns to stop) -- the rest become ``ignore_index`` (-100), which cross-entropy skips. Training uses
@@ -61,6 +62,20 @@ def apply_template(name: str, instruction: str, input_text: str = "") -> str:
     return TEMPLATES[name]({"instruction": instruction, "input": input_text})
 
 
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one entry, or None."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    missing = [k for k in ("instruction", "output") if k not in entry]
+    if missing:
+        return (f"lacks {', '.join(repr(k) for k in missing)} "
+                f"(each entry needs 'instruction' and 'output', and may have 'input')")
+    for k in ("instruction", "input", "output"):
+        if k in entry and not isinstance(entry[k], str):
+            return f"has a non-text {k!r} ({type(entry[k]).__name__})"
+    return None
+
+
 def check_entries(data, where="the data"):
     """Raise :class:`DatasetError` unless ``data`` is a non-empty list of entries with text fields."""
     if not isinstance(data, list):
@@ -69,28 +84,67 @@ def check_entries(data, where="the data"):
         raise DatasetError(f"{where} has no entries: instruction data needs at least one "
                            f'{{"instruction": ..., "input": ..., "output": ...}}')
     for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise DatasetError(f"{where}: entry {i} is a {type(entry).__name__}, not an object")
-        missing = [k for k in ("instruction", "output") if k not in entry]
-        if missing:
-            raise DatasetError(f"{where}: entry {i} lacks {', '.join(repr(k) for k in missing)} "
-                               f"(each entry needs 'instruction' and 'output', and may have 'input')")
-        for k in ("instruction", "input", "output"):
-            if k in entry and not isinstance(entry[k], str):
-                raise DatasetError(f"{where}: entry {i} has a non-text {k!r} ({type(entry[k]).__name__})")
+        problem = _entry_problem(entry)
+        if problem:
+            raise DatasetError(f"{where}: entry {i} {problem}")
     return data
 
 
+def read_jsonl_entries(path):
+    """The entries of an Alpaca-style JSONL file: one ``{"instruction", "input", "output"}`` object per
+    line (blank lines are skipped). A bad line is a :class:`DatasetError` naming the file and line."""
+    path = os.fspath(path)
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); each line "
+                                   f'must be one {{"instruction": ..., "input": ..., "output": ...}} object') from None
+            problem = _entry_problem(entry)
+            if problem:
+                raise DatasetError(f"{path}, line {number}: the entry {problem}")
+            entries.append(entry)
+    if not entries:
+        raise DatasetError(f"{path} has no entries: instruction data needs at least one line "
+                           f'{{"instruction": ..., "input": ..., "output": ...}}')
+    return entries
+
+
+def _first_char(path) -> str:
+    with open(path, encoding="utf-8") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip("\ufeff \t\r\n")
+            if stripped:
+                return stripped[0]
+
+
 def load_instruction_data(path):
-    """Read and check a JSON file of entries (e.g. the book's ``instruction-data.json``)."""
+    """Read and check instruction data: a JSON file with a list of entries (the book's
+    ``instruction-data.json``), or Alpaca-style JSONL with one entry per line -- a ``.jsonl`` file, or
+    any other file whose entries are objects one per line rather than a list."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DatasetError(f"{path} does not exist: pass a JSON file with a list of instruction entries")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path} is not valid JSON ({e})") from None
+        raise DatasetError(f"{path} does not exist: pass a JSON file with a list of instruction entries, "
+                           f"or a JSONL file with one entry per line")
+    try:
+        if path.lower().endswith(".jsonl"):
+            return read_jsonl_entries(path)
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                if _first_char(path) == "{":  # objects one per line: JSONL under another name
+                    return read_jsonl_entries(path)
+                raise DatasetError(f"{path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     return check_entries(data, path)
 
 
@@ -107,11 +161,12 @@ def split_instruction_data(data, train_fraction=0.85, test_fraction=0.10):
 class InstructionDataset(Dataset):
     """Each entry's prompt + response, tokenized once; items are lists of token ids (the book's class)."""
 
-    def __init__(self, data, tokenizer):
+    def __init__(self, data, tokenizer, template=DEFAULT_TEMPLATE):
         self.data = check_entries(list(data))
+        prompt = TEMPLATES[template]
         self.encoded_texts = []
         for entry in self.data:
-            full_text = format_input(entry) + format_response(entry)
+            full_text = prompt(entry) + format_response(entry)
             self.encoded_texts.append(tokenizer.encode(full_text))
 
     def __getitem__(self, index):
@@ -154,9 +209,11 @@ def extract_response(generated_text, input_text):
     return generated_text[len(input_text):].replace("### Response:", "").strip()
 
 
-def generate_response(model, tokenizer, entry, max_new_tokens=256, eos_id=PAD_TOKEN_ID, **sampling):
-    """Prompt ``model`` with ``format_input(entry)`` and return its response text (greedy by default)."""
-    input_text = format_input(entry)
+def generate_response(model, tokenizer, entry, max_new_tokens=256, eos_id=PAD_TOKEN_ID, *, template=DEFAULT_TEMPLATE,
+                      **sampling):
+    """Prompt ``model`` with the ``template``'s prompt for ``entry`` (the book's ``format_input``) and
+    return its response text (greedy by default)."""
+    input_text = TEMPLATES[template](entry)
     device = next(model.parameters()).device
     idx = text_to_token_ids(input_text, tokenizer).to(device)
     context = model.cfg.context_length

@@ -246,9 +246,12 @@ def test_cli_classify_with_lora(base_folder, spam_csv, tmp_path, tok, capsys):
                  "--epochs", "2", "--batch-size", "4", "--eval-every", "1", "--lora-rank", "2", "--lr", "5e-3",
                  "--no-progress", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["metrics.jsonl", "step-4"]
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["metrics.jsonl", "settings.json", "step-4",
+                                                                          "summary.json"]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2, 3, 4] and all("val_accuracy" in r for r in records)
+    evals, tests = [r for r in records if r.get("split") != "test"], [r for r in records if r.get("split") == "test"]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4] and all("val_accuracy" in r for r in evals)
+    assert [r["step"] for r in tests] == [4] and 0.0 <= tests[0]["test_accuracy"] <= 1.0
     assert os.path.isfile(out / "step-4" / "lora" / "adapters.safetensors")
     model = GPTModel.from_pretrained(out)  # the newest step, with its 2-class head
     assert model.out_head.weight.shape == (2, 32)
