@@ -38,11 +38,113 @@ from .generation import generate, generate_text_simple, text_to_token_ids, token
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+TENSORBOARD_DIR = "tensorboard"
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+# metric writers besides metrics.jsonl, and the pip extra that installs each one's package
+LOGGERS = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+CSV_COLUMNS = ("step", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "mfu")
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (a NaN loss, a checkpoint that does not fit); the message says why."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.fit`: the step under way was finished and saved as ``checkpoint``
+    (``step``), so ``--resume`` continues exactly. A second Ctrl-C stops at once, without saving."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, the perplexity of a mean cross-entropy (``inf`` past what a float holds)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def check_loggers(names) -> None:
+    """Raise ``ValueError`` (a one-line message with the pip command) unless each metric writer in
+    ``names`` can run here: ``csv`` always can, ``tensorboard`` and ``wandb`` need their package."""
+    for name in names:
+        if name not in LOGGERS:
+            raise ValueError(f"log {name!r} is not a metrics writer: use {', '.join(LOGGERS)} (comma-separated)")
+        if name == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+            except ImportError:
+                raise ValueError("log tensorboard needs the tensorboard package: "
+                                 "pip install 'gptfast-from-scratch[tensorboard]'") from None
+        elif name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("log wandb needs the wandb package: pip install 'gptfast-from-scratch[wandb]'") \
+                    from None
+
+
+class _CsvLog:
+    """``metrics.csv``: one row per logged step, the columns of :data:`CSV_COLUMNS` (empty where unknown)."""
+
+    def __init__(self, out_dir, history):
+        self.path = os.path.join(out_dir, CSV_FILE)
+        # a resumed run rewrites what came after its checkpoint, as metrics.jsonl does
+        checkpoint.atomic_write_bytes(self.path, "".join(self._row(r) for r in [None, *history]).encode())
+
+    @staticmethod
+    def _row(record):
+        if record is None:
+            return ",".join(CSV_COLUMNS) + "\n"
+        return ",".join("" if record.get(c) is None else repr(record[c]) for c in CSV_COLUMNS) + "\n"
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(self._row(record))
+
+    def close(self):
+        pass
+
+
+class _TensorBoardLog:
+    def __init__(self, out_dir, start_step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a resumed run's events replace those logged after its checkpoint
+        self.writer = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR), purge_step=start_step + 1)
+
+    def write(self, record):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def close(self):
+        self.writer.close()
+
+
+class _WandbLog:
+    ID_FILE = "wandb-run-id"
+
+    def __init__(self, out_dir, settings):
+        import wandb
+
+        id_path = os.path.join(out_dir, self.ID_FILE)
+        run_id = open(id_path).read().strip() if os.path.isfile(id_path) else wandb.util.generate_id()
+        checkpoint.atomic_write_bytes(id_path, (run_id + "\n").encode())
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gptfast"), id=run_id, resume="allow",
+                              name=os.path.basename(os.path.abspath(out_dir)), dir=out_dir, config=settings or {})
+
+    def write(self, record):
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        self.run.finish()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,13 +505,16 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint every this many steps; default eval_every
     keep_last: int = 3  # checkpoints kept
     log_every: int = 1  # write a metrics line every this many steps
-    dtype: str = "auto"  # "auto" (bf16 autocast on a GPU that has it, fp32 otherwise), "bf16", "fp32"
+    dtype: str = "auto"  # "auto" (bf16 autocast on a GPU that has it, fp32 otherwise), "bf16", "fp16", "fp32"
     compile: bool = False
     grad_checkpoint: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 30  # 0: no samples
     progress: bool = True
+    save_best: bool = False  # keep the checkpoint of the lowest validation loss as out_dir/best
+    log: tuple = ()  # more metric writers besides metrics.jsonl: "csv", "tensorboard", "wandb"
+    run_settings: dict | None = None  # what wandb records as the run's config (the command's settings)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_iters", "keep_last", "log_every"):
@@ -424,8 +529,15 @@ class TrainConfig:
             raise ValueError(f"save_every must be >= 1, got {self.save_every}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.log = tuple(self.log)
+        unknown = [name for name in self.log if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"log {unknown[0]!r} is not a metrics writer: use {', '.join(LOGGERS)} (comma-separated)")
+        if self.dtype == "fp16" and self.fsdp:
+            raise ValueError("dtype fp16 needs a gradient scaler, which gptfast does not run under fsdp; "
+                             "use --dtype bf16 with --fsdp")
 
 
 def flops_per_token(cfg, num_params: int) -> float:
@@ -476,9 +588,15 @@ class Trainer:
             split.check(self.seq_len)
         use_bf16 = config.dtype == "bf16" or (
             config.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self.dtype_name = "bf16" if use_bf16 else "fp32"
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
-                         else contextlib.nullcontext())
+        self.dtype_name = "bf16" if use_bf16 else "fp16" if config.dtype == "fp16" else "fp32"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.dtype_name)
+        self.autocast = torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        # fp16's narrow range needs the loss scaled up for the backward pass (and the gradients back down)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype_name == "fp16" else None
+        self.best_val, self.best_step = float("inf"), None
+        self.tokens_seen = 0
+        self._stop_requested = False
+        self._explained = set()  # resume checks the caller has already told the user about
         self.is_main = self.rank == 0
         if config.fsdp and self.world > 1 and self.device.type == "cpu" and _torch_older_than(2, 7):
             raise ValueError(f"fsdp on CPU processes needs torch >= 2.7 (torch {torch.__version__}'s FSDP needs "
@@ -492,9 +610,12 @@ class Trainer:
         model.gradient_checkpointing = cfg.grad_checkpoint
         model.train()
         self.start_step = 0
+        self.tokens_seen = 0
+        self.best_val, self.best_step = float("inf"), None
         state = None
         if resume_from is not None:
             state = self._load_weights(resume_from)
+            self.resumed_from = resume_from
         self.wrapped = model
         if self.world > 1:
             if cfg.fsdp:
@@ -512,6 +633,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(cfg.warmup, cfg.steps, min_ratio))
         if state is not None:
             self._load_state(state)
+            if self.is_main:
+                best = (f", best validation loss {self.best_val:.4f} at step {self.best_step}"
+                        if self.best_step is not None else "")
+                print(f"resuming from step {self.start_step} ({resume_from}, {self.tokens_seen:,} tokens seen{best})",
+                      flush=True)
         self.step_fn = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         n = matmul_parameters(model)
         self.flops_per_token = flops_per_token(model.cfg, n)
@@ -541,10 +667,26 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(_optimizer_state_by_index(self.model, self.optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
-        # a run resumed with other --steps stretches (or shortens) its cosine from here on
-        self.scheduler.lr_lambdas[0].total = self.cfg.steps
+        # This run's config is the schedule from here on: a resume with other --steps stretches (or
+        # shortens) the cosine, another --lr, --min-lr or --warmup takes effect (with the same values,
+        # everything is as saved, so the run continues exactly).
+        cfg, schedule = self.cfg, self.scheduler.lr_lambdas[0]
+        schedule.total, schedule.warmup = int(cfg.steps), int(cfg.warmup)
+        schedule.min_ratio = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        self.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (make_optimizer)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            group["initial_lr"] = base
+            group["lr"] = base * schedule(self.scheduler.last_epoch)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        best = state.get("best") or {}
+        if best.get("val_loss") is not None:
+            self.best_val, self.best_step = float(best["val_loss"]), best.get("step")
+        saved_data = state.get("data", {})
+        tokens_per_step = (saved_data.get("batch_size", self.cfg.batch_size) * saved_data.get("grad_accum", 1)
+                           * saved_data.get("world_size", 1) * self.seq_len)
+        self.tokens_seen = int(state.get("tokens_seen", self.start_step * tokens_per_step))
         rng = state.get("rng", {})
         cpu = rng.get("cpu", [])
         if len(cpu) == self.world:
@@ -556,7 +698,9 @@ class Trainer:
         for what, key in (("seed", lambda d: d.get("seed")), ("grad_accum", lambda d: d.get("grad_accum")),
                           ("global batch (batch_size x processes)",
                            lambda d: d.get("batch_size", 0) * d.get("world_size", 1))):
-            if key(saved) is not None and key(saved) != key(ours) and self.is_main:
+            explained = {"seed": {"seed"}, "grad_accum": {"grad_accum"}}.get(what, {"batch_size"})
+            if key(saved) is not None and key(saved) != key(ours) and self.is_main and \
+                    not (explained & self._explained and saved.get("world_size", 1) == self.world):
                 print(f"warning: the checkpoint was trained with {what} {key(saved)}, this run uses {key(ours)}; "
                       f"it goes on, but does not read the batches the first run would have", file=sys.stderr)
         if "data_sha256" in saved and saved["data_sha256"] != ours.get("data_sha256") and self.is_main:
@@ -584,15 +728,21 @@ class Trainer:
             self._truncate_metrics(self.start_step)
         save_every = cfg.save_every or cfg.eval_every
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.seq_len * self.world
+        writers = self._open_writers() if self.is_main else []
         bar = self._progress_bar()
         step = self.start_step
         last = cfg.steps if until is None else min(until, cfg.steps)
+        post = {}
+        saved_step = self.start_step if resume_from is not None else None
+        self._stop_requested = False
+        restore_sigint = self._catch_sigint()
         try:
             while step < last:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss = self._train_step(step)
                 step += 1
+                self.tokens_seen += tokens_per_step
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed}
                 mfu = self._mfu(tokens_per_step / elapsed)
@@ -601,22 +751,99 @@ class Trainer:
                 evaluating = step % cfg.eval_every == 0 or step == cfg.steps
                 if evaluating:
                     record["val_loss"] = self.evaluate()
+                    record["val_ppl"] = perplexity(record["val_loss"])
                 if self.is_main and (evaluating or step % cfg.log_every == 0):
                     self._log(record)
+                    for w in writers:
+                        w.write(record)
                 if bar is not None:
                     bar.update(1)
-                    post = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
-                            "mfu": f"{100 * mfu:.1f}%" if mfu is not None else "n/a"}
+                    post.update({"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+                    if evaluating:
+                        post.update({"val": f"{record['val_loss']:.3f}", "ppl": f"{record['val_ppl']:.1f}"})
+                    if mfu is not None:
+                        post["mfu"] = f"{100 * mfu:.1f}%"
                     bar.set_postfix(post, refresh=False)
                 if evaluating and self.is_main:
+                    self._print(bar, self._eval_line(record))
                     self._plot()
                     self._sample(bar)
-                if step % save_every == 0 or step == last:
+                if evaluating and cfg.save_best and record["val_loss"] < self.best_val:
+                    self.best_val, self.best_step = record["val_loss"], step
+                    self.save_best(step, record["val_loss"])
+                stopping = self._stop_requested  # the same on every process (see _train_step)
+                if step % save_every == 0 or step == last or stopping:
                     self.save_checkpoint(step)
+                    saved_step = step
+                if stopping:
+                    break
+        except KeyboardInterrupt:
+            # a second Ctrl-C, or one before the first step: stop now; the last checkpoint stays
+            raise TrainingInterrupted(saved_step, self._checkpoint_path(saved_step)) from None
         finally:
+            restore_sigint()
             if bar is not None:
                 bar.close()
+            for w in writers:
+                w.close()
+        if self._stop_requested:
+            raise TrainingInterrupted(step, self._checkpoint_path(step))
         return self.history
+
+    def _checkpoint_path(self, step):
+        return None if step is None else os.path.join(self.cfg.out_dir, f"step-{step}")
+
+    def _catch_sigint(self):
+        """Make the first Ctrl-C finish the step under way and save it (``_stop_requested``); a second one
+        raises ``KeyboardInterrupt`` at once. Returns what puts the previous handler back."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:
+            return lambda: None  # someone else handles Ctrl-C (or ignores it): leave it to them
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            if self.is_main:
+                print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once, without "
+                      "saving)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _eval_line(self, record):
+        mfu = f", MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+        return (f"step {record['step']}/{self.cfg.steps}: training loss {record['train_loss']:.4f}, validation loss "
+                f"{record['val_loss']:.4f}, perplexity {record['val_ppl']:.2f}, lr {record['lr']:.2e}, "
+                f"{record['tokens_per_s']:,.0f} tokens/s{mfu}")
+
+    @staticmethod
+    def _print(bar, line):
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _open_writers(self):
+        writers = []
+        try:
+            for name in self.cfg.log:
+                if name == "csv":
+                    writers.append(_CsvLog(self.cfg.out_dir, self.history))
+                elif name == "tensorboard":
+                    writers.append(_TensorBoardLog(self.cfg.out_dir, self.start_step))
+                elif name == "wandb":
+                    writers.append(_WandbLog(self.cfg.out_dir, self.cfg.run_settings))
+        except BaseException:
+            for w in writers:
+                w.close()
+            raise
+        return writers
 
     def _train_step(self, step) -> float:
         cfg = self.cfg
@@ -631,12 +858,16 @@ class Trainer:
                 with self.autocast:
                     # the book's mean cross-entropy, with the head fused into the loss: no (B, T, V) logits
                     loss = self.step_fn(x, targets=y) / cfg.grad_accum
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
         d = _dist()
         if d is not None:
-            d.all_reduce(total, op=d.ReduceOp.SUM)
-            total /= self.world
+            # one reduction carries the loss and whether any process was asked to stop (Ctrl-C), so all
+            # processes finish the same step and save it together
+            both = torch.stack([total.float(), torch.tensor(float(self._stop_requested), device=self.device)])
+            d.all_reduce(both, op=d.ReduceOp.SUM)
+            total = both[0] / self.world
+            self._stop_requested = bool(both[1].item() > 0)
         value = total.item()
         if not math.isfinite(value):
             kept = latest_checkpoint(cfg.out_dir)
@@ -645,9 +876,15 @@ class Trainer:
                 + (f"The last good checkpoint, {kept}, is kept; " if kept else "")
                 + "try a lower --lr, a longer --warmup, --clip 1.0, or --dtype fp32"
             )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf or NaN
+            self.scaler.update()  # and then the scale is halved; it doubles after 2000 clean steps
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
@@ -767,6 +1004,29 @@ class Trainer:
             rngs["cuda"] = [g["cuda"] for g in gathered]
         return model_state, optim_state, rngs
 
+    def _config_record(self):
+        record = dataclasses.asdict(self.cfg)
+        record["log"] = list(record["log"])
+        record.pop("run_settings", None)  # settings.json holds them, and they need not be tensors or numbers
+        return record
+
+    def save_best(self, step: int, val_loss: float) -> str | None:
+        """Write the weights as ``out_dir/best`` (atomically, replacing the previous best) with
+        ``best.json``: ``{"step", "val_loss"}``. Every process calls it; rank 0 writes."""
+        model_state, _, _ = self._gather_states()
+        if not self.is_main:
+            barrier()
+            return None
+        final = os.path.join(self.cfg.out_dir, BEST_DIR)
+        tmp = os.path.join(self.cfg.out_dir, f".{BEST_DIR}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        extra = {"tokenizer": self.data_info["tokenizer"]} if "tokenizer" in self.data_info else None
+        checkpoint.save_model(self.model, tmp, extra_config=extra, state_dict=model_state)
+        checkpoint.atomic_write_json(os.path.join(tmp, BEST_FILE), {"step": step, "val_loss": val_loss})
+        checkpoint.publish_dir(tmp, final)
+        barrier()
+        return final
+
     def save_checkpoint(self, step: int) -> str | None:
         """Write ``out_dir/step-N`` atomically and prune old ones; returns its path on rank 0."""
         model_state, optim_state, rngs = self._gather_states()
@@ -785,8 +1045,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rngs,
             "data": self._data_state(),
-            "config": dataclasses.asdict(self.cfg),
+            "config": self._config_record(),
+            "tokens_seen": int(self.tokens_seen),
+            "best": {"val_loss": None if self.best_step is None else float(self.best_val), "step": self.best_step},
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         _torch_save_atomic(state, os.path.join(tmp, STATE_FILE))
         checkpoint.publish_dir(tmp, final)  # the same step written again (a resumed run) is swapped in whole
         # Only steps up to this one count: a newer step folder (one a resume skipped as unreadable) is
