@@ -18,6 +18,7 @@ that a resumed run reads exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 META_FILE = "meta.json"
+TEXT_SUFFIXES = (".txt", ".jsonl")  # what a folder of documents is read for
+JSONL_KEY = "text"
 SHARD_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(SHARD_DTYPE).max) + 1  # ids 0..65535 fit a uint16
 
@@ -195,9 +198,95 @@ def not_utf8(path, byte: int, line: int, reason: str) -> DataError:
                      f"first, e.g. with `iconv -f latin1 -t utf-8`")
 
 
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def expand_text_sources(paths, suffixes=TEXT_SUFFIXES) -> list[str]:
+    """DATA arguments -> files and shard folders, in a fixed order.
+
+    * a file stays as it is;
+    * a shard folder (one with ``meta.json``), or its ``meta.json``, stays a shard folder;
+    * another folder stands for the files in it (not below) whose names end in ``suffixes``
+      (``.txt`` and ``.jsonl``), sorted by name;
+    * a pattern with ``*``, ``?`` or ``[...]`` that names no file itself (the shell did not expand
+      it, e.g. it was quoted) is expanded here: the files it matches, sorted; a folder it matches
+      counts as above.
+
+    A path that names nothing, a pattern that matches nothing and a folder without such files raise
+    :class:`DataError`. A path given twice is read once."""
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.exists(p) and _has_glob(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise DataError(f"{p} matches no file: check the pattern (it is expanded relative to "
+                                f"{os.getcwd()})")
+            out += _expand_one_level(matches, suffixes, pattern=p)
+        else:
+            out += _expand_one_level([p], suffixes)
+    return list(dict.fromkeys(out))
+
+
+def _expand_one_level(paths, suffixes, pattern=None):
+    out = []
+    for p in paths:
+        if os.path.isdir(p) and not os.path.isfile(os.path.join(p, META_FILE)):
+            files = sorted(os.path.join(p, n) for n in os.listdir(p)
+                           if n.endswith(tuple(suffixes)) and os.path.isfile(os.path.join(p, n)))
+            if not files:
+                if pattern is not None:
+                    continue  # a pattern's folder match without documents: the pattern's files count
+                raise DataError(f"{p} is a folder with no {' or '.join(suffixes)} files and no {META_FILE}: pass "
+                                f"a folder of text files, or one written by `gptfast tokenize`")
+            out += files
+        elif os.path.isdir(p) or os.path.isfile(p):
+            out.append(p)
+        else:
+            raise DataError(f"{p} does not exist")
+    if pattern is not None and not out:
+        raise DataError(f"{pattern} matches only folders without {' or '.join(suffixes)} files")
+    return out
+
+
+def is_jsonl(path) -> bool:
+    return os.fspath(path).endswith(".jsonl")
+
+
+def jsonl_documents(path, key: str = JSONL_KEY, data: bytes | None = None):
+    """The documents of a JSONL file: ``(line_number, text)`` for each line ``{"text": "..."}`` (blank
+    lines are skipped). A line that is not JSON, not an object, or has no string ``key`` raises
+    :class:`DataError` naming the file and the line. ``data``: the file's bytes, when already read."""
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {number}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                            f"convert the file to UTF-8 first") from None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); each line must "
+                            f"be one object such as {{\"{key}\": \"...\"}}") from None
+        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            what = ("has no \"%s\" field" % key if isinstance(record, dict) and key not in record
+                    else f"its \"{key}\" is not a string" if isinstance(record, dict)
+                    else f"is a JSON {type(record).__name__}, not an object")
+            raise DataError(f"{path}, line {number}: {what}; each line must be one object such as "
+                            f"{{\"{key}\": \"...\"}}")
+        yield number, record[key]
+
+
 def tokenize_text_files(paths, folder: str, tokenizer=None, shard_tokens: int = 100_000_000) -> "TokenShards":
-    """Tokenize plain text files (one document each) into shards in ``folder``; reuse them when the
-    files have not changed since (same paths, sizes and modification times).
+    """Tokenize plain text files (one document each) and JSONL files (``.jsonl``: one document per line,
+    ``{"text": ...}``) into shards in ``folder``; reuse them when the files have not changed since
+    (same paths, sizes and modification times).
 
     ``meta.json``'s ``sources`` records each file's path, size, modification time and the sha256 of
     its bytes (what :func:`data_sources` reports). A file that is not UTF-8 raises :class:`DataError`
@@ -224,6 +313,10 @@ def tokenize_text_files(paths, folder: str, tokenizer=None, shard_tokens: int = 
             with open(p, "rb") as f:
                 data = f.read()
             source["sha256"] = hashlib.sha256(data).hexdigest()
+            if is_jsonl(p):  # each line one document
+                for _, text in jsonl_documents(p, data=data):
+                    yield np.asarray(tokenizer.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.int64)
+                continue
             text = decode_utf8(data, p)
             yield np.asarray(tokenizer.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.int64)
 
@@ -357,11 +450,14 @@ class TokenSplit:
 def open_token_data(paths, cache_folder: str, tokenizer=None):
     """``gptfast train``'s DATA arguments -> a list of :class:`TokenShards`.
 
-    Shard folders (or their ``meta.json``) are read as they are; plain text files are tokenized
+    Shard folders (or their ``meta.json``) are read as they are; text and JSONL files -- given
+    one by one, as a folder of them or as a glob (see :func:`expand_text_sources`) -- are tokenized
     together into ``cache_folder`` (reused while they are unchanged).
     """
     if not paths:
         raise DataError("no training data given: pass text files or shard folders written by `gptfast tokenize`")
+    given = paths
+    paths = expand_text_sources(paths)
     folders, texts = [], []
     for p in paths:
         if os.path.isdir(p):
@@ -381,7 +477,7 @@ def open_token_data(paths, cache_folder: str, tokenizer=None):
     if len(names) > 1:
         raise DataError(f"the data sets were tokenized with different tokenizers ({', '.join(sorted(names))})")
     if sum(d.num_tokens for d in datasets) == 0:
-        raise DataError(f"the training data holds no tokens ({', '.join(paths)})")
+        raise DataError(f"the training data holds no tokens ({', '.join(map(str, given))})")
     return datasets
 
 

@@ -885,7 +885,14 @@ class Trainer:
             self.scaler.update()  # and then the scale is halved; it doubles after 2000 clean steps
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if self.scaler is not None:
+            import warnings
+
+            with warnings.catch_warnings():  # a step the scaler skipped still counts in the schedule
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
 

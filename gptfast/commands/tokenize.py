@@ -1,6 +1,8 @@
 """``gptfast tokenize FILE... --out DIR``: text files -> uint16 token shards for training.
 
-Each FILE is one document; the end-of-text token follows every document. The shards are
+Each text FILE is one document, each line ``{"text": ...}`` of a ``.jsonl`` FILE one document; a
+folder stands for its ``.txt`` and ``.jsonl`` files, and a glob (``'corpus/*.txt'``) is expanded
+here when the shell did not. The end-of-text token follows every document. The shards are
 ``DIR/shard-00000.npy``, ``DIR/shard-00001.npy``, ... (1-D ``numpy.uint16`` arrays) and
 ``DIR/meta.json`` describes them::
 
@@ -35,7 +37,9 @@ MAX_UINT16 = 65535
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files; each one is a document")
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="UTF-8 text files (each one a document), JSONL files ({\"text\": ...} per line, each "
+                             "line a document), folders of them, or globs such as 'corpus/*.txt'")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and meta.json")
     parser.add_argument("--tokenizer", default="gpt2",
                         help="'gpt2' (default) or the path of a tokenizer written by Tokenizer.save (.tiktoken)")
@@ -151,7 +155,17 @@ def run(args: argparse.Namespace) -> int:
     from gptfast import checkpoint
     from gptfast.data import DataError
 
-    files = [pathlib.Path(f) for f in args.files]
+    from gptfast.data import META_FILE, expand_text_sources
+
+    try:
+        expanded = expand_text_sources(args.files)
+    except DataError as e:
+        raise CommandError(str(e)) from None
+    for f in expanded:
+        if os.path.isdir(f):
+            raise CommandError(f"{f} is already tokenized (it holds {META_FILE}): pass it to `gptfast train` as it "
+                               f"is, or pass the text files it was made from")
+    files = [pathlib.Path(f) for f in expanded]
     for f in files:
         if not f.is_file():
             raise CommandError(f"{f}: no such file" if not f.exists() else f"{f} is not a file: pass text files")
@@ -190,7 +204,9 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed run leaves no folder of its own behind
-    print(f"wrote {meta['num_tokens']:,} tokens from {len(files)} file(s) into {len(meta['shards'])} shard(s) in {out}")
+    docs = f" ({meta['documents']:,} documents)" if meta["documents"] != len(files) else ""
+    print(f"wrote {meta['num_tokens']:,} tokens from {len(files)} file(s){docs} into {len(meta['shards'])} shard(s) "
+          f"in {out}")
     return 0
 
 
@@ -215,10 +231,29 @@ def _encode(files, tok, eot, work: pathlib.Path, args) -> dict:
         if bar is not None:
             bar.update(sum(len(t.encode("utf-8")) for t in batch))
 
+    documents = 0
     try:
         for f in files:
             batch: list[str] = []
             digest = hashlib.sha256()
+            if f.suffix == ".jsonl":  # each line a document, the end-of-text token after each
+                from gptfast.data import jsonl_documents
+
+                data = f.read_bytes()
+                digest.update(data)
+                texts = [text for _, text in jsonl_documents(f, data=data)]
+                for start in range(0, len(texts), 256):
+                    part = texts[start:start + 256]
+                    for ids in tok.encode_ordinary_batch(part, num_threads=threads):
+                        writer.add(ids)
+                        writer.add([eot])
+                        num_tokens += len(ids) + 1
+                    if bar is not None:
+                        bar.update(sum(len(t.encode("utf-8")) for t in part))
+                documents += len(texts)
+                hashes.append(digest.hexdigest())
+                continue
+            documents += 1
             for chunk in _chunks(f, max(1, args.chunk_bytes), digest):
                 batch.append(chunk)
                 if len(batch) >= 2 * threads:
@@ -241,7 +276,7 @@ def _encode(files, tok, eot, work: pathlib.Path, args) -> dict:
         "shards": writer.names,
         "shard_tokens": writer.sizes,
         "num_tokens": num_tokens,
-        "documents": len(files),
+        "documents": documents,
         "sources": [str(f) for f in files],
         "source_sha256": hashes,
     }

@@ -304,7 +304,8 @@ def run(args):
             trainer._explained = {o[0].lstrip("-").replace("-", "_") for o in s.overrides}
             if rank == 0:
                 os.makedirs(out, exist_ok=True)
-                settings.save_settings(out, "train", s, exclude=NOT_RESTORED)
+                # unset values (None) are left out: the file then works as a --config file too
+                settings.save_settings(out, "train", s, exclude=(*NOT_RESTORED, *(k for k, v in s.items() if v is None)))
                 print(f"model: {cfg.n_layers} layers, {cfg.n_heads} heads, emb_dim {cfg.emb_dim}, context "
                       f"{cfg.context_length}, {model.num_parameters() / 1e6:.1f}M parameters; "
                       f"data: {train_split.num_tokens} training / {val_split.num_tokens} validation tokens; "
