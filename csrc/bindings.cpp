@@ -347,6 +347,27 @@ class OutBytes {
     size_t cap_ = 0, len_ = 0;
 };
 
+// Room for the ids of a text of `bytes` bytes (Encoder::encode_ordinary_into), from malloc, not
+// zeroed: pages the ids never reach are never touched.
+struct IdBuffer {
+    Rank* ids;
+    size_t n = 0;  // ids written
+    explicit IdBuffer(size_t bytes) {
+        ids = static_cast<Rank*>(std::malloc((bytes + Encoder::kOutSlack) * sizeof(Rank)));
+        if (!ids) throw std::bad_alloc();
+    }
+    ~IdBuffer() { std::free(ids); }
+    IdBuffer(const IdBuffer&) = delete;
+    IdBuffer& operator=(const IdBuffer&) = delete;
+    // The buffer cut to the n ids (the caller frees it).
+    Rank* release_trimmed() {
+        Rank* p = static_cast<Rank*>(std::realloc(ids, std::max<size_t>(n, 1) * sizeof(Rank)));
+        if (!p) p = ids;  // a failed shrink leaves the block as it was
+        ids = nullptr;
+        return p;
+    }
+};
+
 class PyEncoder {
   public:
     explicit PyEncoder(std::unique_ptr<Encoder> enc) : enc_(std::move(enc)) {
@@ -375,8 +396,8 @@ class PyEncoder {
     // ids -> list of the prebuilt ints. For long lists the references are added per distinct id
     // (one histogram pass) instead of one Py_INCREF per element, which would touch a scattered
     // int object for every token.
-    py::list to_list(const std::vector<Rank>& ids) const {
-        const size_t n = ids.size();
+    py::list to_list(const std::vector<Rank>& ids) const { return to_list(ids.data(), ids.size()); }
+    py::list to_list(const Rank* ids, const size_t n) const {
         PyObject* list = PyList_New(Py_ssize_t(n));
         if (!list) throw py::error_already_set();
         PyObject* const* table = ints_->data();
@@ -419,12 +440,12 @@ class PyEncoder {
 
     py::list encode_ordinary(const py::handle& text) const {
         std::string_view s = utf8_of(text.ptr());
-        std::vector<Rank> out;
+        IdBuffer buf(s.size());
         {
             py::gil_scoped_release nogil;
-            enc_->encode_ordinary(s, out);
+            buf.n = enc_->encode_ordinary_into(s, buf.ids);
         }
-        return to_list(out);
+        return to_list(buf.ids, buf.n);
     }
 
     py::list encode(const py::handle& text, const py::object& allowed) const {
@@ -441,6 +462,18 @@ class PyEncoder {
     py::array_t<uint32_t> encode_to_numpy(const py::handle& text, const py::object& allowed) const {
         std::string_view s = utf8_of(text.ptr());
         std::vector<bool> mask = allowed_mask(allowed);
+        if (std::find(mask.begin(), mask.end(), true) == mask.end()) {
+            // No special token to look for: the ids go straight into the array's own buffer, one
+            // allocation with room for the worst case (one id a byte), trimmed after.
+            IdBuffer buf(s.size());
+            {
+                py::gil_scoped_release nogil;
+                buf.n = enc_->encode_ordinary_into(s, buf.ids);
+            }
+            Rank* data = buf.release_trimmed();
+            py::capsule owner(data, [](void* p) { std::free(p); });
+            return py::array_t<uint32_t>({py::ssize_t(buf.n)}, {py::ssize_t(sizeof(Rank))}, data, owner);
+        }
         auto* out = new std::vector<Rank>();
         {
             py::gil_scoped_release nogil;
@@ -475,10 +508,11 @@ class PyEncoder {
         return result;
     }
 
-    size_t count_ordinary(const py::handle& text) const {
+    size_t count_ordinary(const py::handle& text) const {  // as encode_to_numpy, without the array
         std::string_view s = utf8_of(text.ptr());
+        IdBuffer buf(s.size());
         py::gil_scoped_release nogil;
-        return enc_->count_ordinary(s);
+        return enc_->encode_ordinary_into(s, buf.ids);
     }
 
     py::list encode_single_piece(const py::bytes& piece) const {
@@ -719,6 +753,11 @@ PYBIND11_MODULE(_bpe, m) {
     m.def("_set_long_piece_segment", &Encoder::set_long_piece_segment, py::arg("min_bytes"),
           "The least bytes a thread is given of one long piece (small values are for tests).");
     m.def("_long_piece_segment", &Encoder::long_piece_segment);
+    m.def("_set_piece_cache_sets", &Encoder::set_piece_cache_sets, py::arg("sets"),
+          "The size of each thread's cache of pieces, in two-entry sets (small values are for tests).");
+    m.def("_piece_cache_sets", &Encoder::piece_cache_sets);
+    m.def("piece_cache_bytes", &Encoder::piece_cache_bytes,
+          "Bytes of the cache of pieces, on each thread that encodes (a fixed bound, whatever the text).");
     m.def("split_gpt2", &split_gpt2, "The pieces of a str under the GPT-2 pattern, as UTF-8 bytes.");
     m.def("train", &train, py::arg("texts"), py::arg("specials"), py::arg("num_merges"), py::arg("num_threads"),
           py::arg("progress"));

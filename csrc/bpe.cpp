@@ -11,6 +11,10 @@
 #include <thread>
 #include <unordered_map>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "unicode_tables.h"
 
 namespace gptfast {
@@ -79,10 +83,41 @@ inline size_t run_end(const uint8_t* s, size_t n, size_t i, CharClass cls) {
 
 }  // namespace
 
+namespace {
+// The class of every byte for the ASCII fast path: an ASCII byte's class, and kNonAscii for the
+// lead and continuation bytes of longer characters (and stray bytes), which the general path reads.
+constexpr uint8_t kNonAscii = 4;
+struct ByteClasses {
+    uint8_t cls[256];
+    ByteClasses() {
+        for (uint32_t c = 0; c < 256; ++c) cls[c] = c < 128 ? kAscii.cls[c] : kNonAscii;
+    }
+};
+const ByteClasses kBytes;
+
+// The end of a run of class `k` (a letter, number or other run) from i, ASCII first; at the first
+// byte of a longer character the general loop takes over.
+inline size_t ascii_run_end(const uint8_t* s, size_t n, size_t i, uint8_t k) {
+    const uint8_t* cls = kBytes.cls;
+    while (i < n && cls[s[i]] == k) ++i;
+    if (i < n && s[i] >= 0x80) return run_end(s, n, i, CharClass(k));
+    return i;
+}
+}  // namespace
+
 size_t gpt2_piece_end(std::string_view text, size_t pos) {
     const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
     const size_t n = text.size();
     const uint8_t c = s[pos];
+    // The common cases first, on ASCII: a letter or digit run, or one after a space.
+    {
+        const uint8_t k = kBytes.cls[c];
+        if (k == kLetter || k == kNumber || (k == kOther && c != '\'')) return ascii_run_end(s, n, pos + 1, k);
+        if (c == ' ' && pos + 1 < n) {
+            const uint8_t k2 = kBytes.cls[s[pos + 1]];
+            if (k2 == kLetter || k2 == kNumber || (k2 == kOther && s[pos + 1] != '\'')) return ascii_run_end(s, n, pos + 2, k2);
+        }
+    }
     // 's 't 're 've 'm 'll 'd  (ASCII apostrophe, lowercase only)
     if (c == '\'' && pos + 1 < n) {
         const uint8_t d = s[pos + 1];
@@ -523,18 +558,76 @@ void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
 }
 
 namespace {
-// A per-thread, direct-mapped cache of short pieces that are more than one token: code and
-// non-English text repeat the same identifiers and words, and a lookup is far cheaper than BPE.
+// A per-thread cache of short pieces that are more than one token: code and non-English text repeat
+// the same identifiers and words, and a lookup is far cheaper than merging. Keys are compared whole,
+// so a hit is always the piece's own encoding; a miss merges. The table is fixed in size, two-way
+// set associative: a set is two 64-byte entries side by side, and a new piece goes in front,
+// pushing the entry there to the back (and the back one out). Its memory is kSets * 128 bytes per
+// thread that encodes (16 MiB at the default 2^17 sets), whatever the text.
 struct PieceCache {
-    static constexpr size_t kKey = 30, kTokens = 8, kSlots = size_t(1) << 17;
-    struct Entry {
-        uint8_t key_len = 0, n_tokens = 0;
+    static constexpr size_t kKey = 30;       // the longest piece kept, in bytes
+    static constexpr size_t kTokens16 = 16;  // tokens an entry holds when every id is below 2^16
+    static constexpr size_t kTokens32 = 8;   // and otherwise
+    static constexpr size_t kDefaultSets = size_t(1) << 17;
+    struct alignas(64) Entry {
+        uint8_t key_len = 0, n_tokens = 0;  // key_len 0: empty
         uint8_t key[kKey];
-        Rank tokens[kTokens];
+        uint8_t tokens[32];  // n_tokens ids of 2 or 4 bytes each (Cache::wide)
     };
-    std::vector<Entry> entries;
-    uint64_t owner = 0;  // uid of the Encoder the entries belong to
+    static_assert(sizeof(Entry) == 64, "one cache line an entry");
+    std::vector<Entry> entries;  // 2 * sets
+    size_t mask = 0;             // sets - 1
+    uint64_t owner = 0;          // uid of the Encoder the entries belong to
+    bool wide = false;           // 32-bit ids
+    size_t max_tokens = kTokens16;
+
+    Entry* set_of(uint64_t hash) { return &entries[((hash >> 17) & mask) * 2]; }
 };
+
+std::atomic<size_t> g_cache_sets{PieceCache::kDefaultSets};
+thread_local PieceCache t_cache;
+}  // namespace
+
+void Encoder::set_piece_cache_sets(size_t sets) {
+    size_t s = 1;
+    while (s < sets) s <<= 1;
+    g_cache_sets = std::max<size_t>(1, s);
+}
+size_t Encoder::piece_cache_sets() { return g_cache_sets; }
+size_t Encoder::piece_cache_bytes() { return g_cache_sets * 2 * sizeof(PieceCache::Entry); }
+
+namespace {
+// The calling thread's cache, emptied when it last held another encoder's pieces or another size.
+inline PieceCache& cache_for(uint64_t uid, size_t n_vocab) {
+    PieceCache& c = t_cache;
+    const size_t sets = g_cache_sets.load(std::memory_order_relaxed);
+    if (c.owner != uid || c.entries.size() != 2 * sets) {
+        std::vector<PieceCache::Entry>().swap(c.entries);
+        c.entries.resize(2 * sets);
+        c.mask = sets - 1;
+        c.owner = uid;
+        c.wide = n_vocab > 65536;
+        c.max_tokens = c.wide ? PieceCache::kTokens32 : PieceCache::kTokens16;
+    }
+    return c;
+}
+
+inline bool same_key(const PieceCache::Entry& e, const uint8_t* p, size_t n) {
+    return e.key_len == n && std::memcmp(e.key, p, n) == 0;
+}
+
+inline void emit(const PieceCache& c, const PieceCache::Entry& e, std::vector<Rank>& out) {
+    const size_t k = e.n_tokens, at = out.size();
+    out.resize(at + k);
+    Rank* o = out.data() + at;
+    if (c.wide) {
+        std::memcpy(o, e.tokens, k * 4);
+    } else {
+        uint16_t t[PieceCache::kTokens16];
+        std::memcpy(t, e.tokens, sizeof t);
+        for (size_t i = 0; i < k; ++i) o[i] = t[i];
+    }
+}
 }  // namespace
 
 void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
@@ -548,81 +641,243 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) c
     encode_hashed(p, n, head, RankTable::key_hash(p, n, head), out);
 }
 
-namespace {
-thread_local PieceCache t_cache;
-}
-
 // A piece of 3 or more bytes, short enough for the table or the cache, with its hash.
-void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t h, std::vector<Rank>& out) const {
-    if (n <= table_.max_len()) {
+void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t h, std::vector<Rank>& out,
+                            bool not_a_token) const {
+    if (!not_a_token && n <= table_.max_len()) {
         Rank r = table_.find_hashed(p, n, head, h);
         if (r != kNoRank) return out.push_back(r);
     }
     if (n > PieceCache::kKey) return n <= kSmallPiece ? bpe_small(p, n, out) : bpe_large(p, n, out);
-    PieceCache& cache = t_cache;
-    if (cache.owner != uid_) {
-        cache.entries.assign(PieceCache::kSlots, PieceCache::Entry());
-        cache.owner = uid_;
-    }
-    PieceCache::Entry& e = cache.entries[(h >> 17) & (PieceCache::kSlots - 1)];
-    if (e.key_len == n && std::memcmp(e.key, p, n) == 0) {
-        out.insert(out.end(), e.tokens, e.tokens + e.n_tokens);
-        return;
-    }
+    PieceCache& cache = cache_for(uid_, n_vocab_);
+    PieceCache::Entry* set = cache.set_of(h);
+    if (same_key(set[0], p, n)) return emit(cache, set[0], out);
+    if (same_key(set[1], p, n)) return emit(cache, set[1], out);
     const size_t before = out.size();
     bpe_small(p, n, out);
     const size_t got = out.size() - before;
-    if (got <= PieceCache::kTokens) {
+    if (got <= cache.max_tokens) {
+        set[1] = set[0];
+        PieceCache::Entry& e = set[0];
         e.key_len = uint8_t(n);
         e.n_tokens = uint8_t(got);
         std::memcpy(e.key, p, n);
-        std::memcpy(e.tokens, out.data() + before, got * sizeof(Rank));
+        const Rank* ids = out.data() + before;
+        if (cache.wide) {
+            std::memcpy(e.tokens, ids, got * 4);
+        } else {
+            uint16_t t[PieceCache::kTokens16] = {};
+            for (size_t i = 0; i < got; ++i) t[i] = uint16_t(ids[i]);
+            std::memcpy(e.tokens, t, sizeof t);
+        }
     }
 }
 
-// Splits ahead in groups of pieces, computing their hashes and prefetching their table slots and
-// cache entries before looking any of them up: the lookups then overlap instead of each waiting
-// on memory.
-void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
+namespace {
+// The first level of the piece cache: pieces of 3 to 15 bytes that are at most kSmallTokens tokens
+// (the single-token pieces included: most pieces of real text are one), each in a 32-byte entry
+// that holds its key whole (the bytes, zero-padded, and the length in the last byte) and its
+// tokens, so a hit costs one cache line and two compares. Two entries a bucket (one 64-byte line);
+// a new piece goes in front and pushes the front one to the back (and the back one out).
+// Pieces of more tokens, or longer ones, go to PieceCache.
+struct SmallCache {
+    struct alignas(32) Entry {
+        uint64_t k0, k1;  // k1 == 0: empty (a key's length byte is never 0)
+        uint8_t v[16];    // up to 7 ids of 16 bits (or 3 of 32) from v[0], and their count in v[15]
+    };
+    static_assert(sizeof(Entry) == 32, "two entries a cache line");
+    Entry* e = nullptr;  // 2 * buckets, 64-byte aligned
+    void* raw = nullptr;
+    size_t mask = 0;  // buckets - 1
+    uint64_t owner = 0;
+    bool wide = false;
+    size_t max_tokens = 7;
+    ~SmallCache() { std::free(raw); }
+    Entry* bucket(uint64_t h) const { return e + ((h & mask) << 1); }
+};
+thread_local SmallCache t_small;
+
+inline SmallCache& small_cache_for(uint64_t uid, size_t n_vocab) {
+    SmallCache& c = t_small;
+    const size_t buckets = 2 * g_cache_sets.load(std::memory_order_relaxed);
+    if (c.owner != uid || c.mask + 1 != buckets || !c.e) {
+        std::free(c.raw);
+        c.raw = nullptr;
+        c.e = nullptr;
+        const size_t bytes = buckets * 2 * sizeof(SmallCache::Entry);
+        // calloc: fresh pages are zero (empty) without a pass over them
+        c.raw = std::calloc(1, bytes + 64);
+        if (!c.raw) throw std::bad_alloc();
+        c.e = reinterpret_cast<SmallCache::Entry*>((reinterpret_cast<uintptr_t>(c.raw) + 63) & ~uintptr_t(63));
+        c.mask = buckets - 1;
+        c.owner = uid;
+        c.wide = n_vocab > 65536;
+        c.max_tokens = c.wide ? 3 : 7;
+    }
+    return c;
+}
+
+// The key of a piece of 3 to 15 bytes at p (`end`: the end of the text, which a load may not pass).
+inline void small_key(const uint8_t* p, size_t n, const uint8_t* end, uint64_t* k0, uint64_t* k1) {
+    uint64_t a, b;
+    if (size_t(end - p) >= 16) {
+        std::memcpy(&a, p, 8);
+        std::memcpy(&b, p + 8, 8);
+    } else {
+        uint8_t buf[16] = {};
+        std::memcpy(buf, p, n);
+        std::memcpy(&a, buf, 8);
+        std::memcpy(&b, buf + 8, 8);
+    }
+    if (n < 8) {
+        a &= (uint64_t(1) << (8 * n)) - 1;
+        b = 0;
+    } else {
+        b &= (uint64_t(1) << (8 * (n - 8))) - 1;  // n - 8 <= 7
+    }
+    *k0 = a;
+    *k1 = b | (uint64_t(n) << 56);
+}
+
+inline uint64_t small_hash(uint64_t k0, uint64_t k1) {
+    uint64_t h = (k0 * 0x9E3779B97F4A7C15ull) ^ (k1 * 0xC2B2AE3D27D4EB4Full);
+    h ^= h >> 31;
+    h *= 0xD6E8FEB86659FD93ull;
+    return h ^ (h >> 32);
+}
+
+// Writes an entry's tokens at o, and returns how many. Writes 8 ids (32 bytes) whatever the count.
+inline size_t small_emit(const SmallCache::Entry& en, bool wide, Rank* o) {
+    const size_t k = en.v[15];
+#if defined(__SSE2__)
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(en.v));
+    if (wide) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), v);
+    } else {
+        const __m128i z = _mm_setzero_si128();
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(v, z));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4), _mm_unpackhi_epi16(v, z));
+    }
+#else
+    if (wide) {
+        std::memcpy(o, en.v, 12);
+    } else {
+        for (size_t i = 0; i < 7; ++i) o[i] = Rank(en.v[2 * i]) | (Rank(en.v[2 * i + 1]) << 8);
+    }
+#endif
+    return k;
+}
+
+inline void small_store(SmallCache::Entry* b, uint64_t k0, uint64_t k1, const Rank* ids, size_t k, bool wide) {
+    b[1] = b[0];
+    SmallCache::Entry& en = b[0];
+    en.k0 = k0;
+    en.k1 = k1;
+    std::memset(en.v, 0, sizeof en.v);
+    if (wide) {
+        std::memcpy(en.v, ids, std::min<size_t>(k, 3) * 4);
+    } else {
+        for (size_t i = 0; i < k && i < 7; ++i) {
+            en.v[2 * i] = uint8_t(ids[i]);
+            en.v[2 * i + 1] = uint8_t(ids[i] >> 8);
+        }
+    }
+    en.v[15] = uint8_t(k);
+}
+}  // namespace
+
+size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
+    const uint8_t* const end = s + text.size();
     const size_t n = text.size();
-    out.reserve(out.size() + n / 2 + 16);
+    Rank* o = dst;
     constexpr size_t kGroup = 16;
     struct Piece {
-        size_t begin, len;
-        uint64_t head, hash;
+        uint32_t begin, len;
+        uint64_t k0, k1;  // small pieces: the key; others: head and hash
     };
     Piece group[kGroup];
     const size_t cacheable = std::max(table_.max_len(), PieceCache::kKey);
-    PieceCache& cache = t_cache;
-    if (cache.owner != uid_) {
-        cache.entries.assign(PieceCache::kSlots, PieceCache::Entry());
-        cache.owner = uid_;
-    }
+    SmallCache& sc = small_cache_for(uid_, n_vocab_);
+    PieceCache& cache = cache_for(uid_, n_vocab_);
+    const bool wide = sc.wide;
+    thread_local std::vector<Rank> scratch;
+    auto slow = [&](const uint8_t* p, size_t len, uint64_t head, uint64_t hash, bool hashed, bool not_a_token = false) {
+        scratch.clear();
+        if (hashed)
+            encode_hashed(p, len, head, hash, scratch, not_a_token);
+        else
+            encode_piece(p, len, scratch);
+        std::memcpy(o, scratch.data(), scratch.size() * sizeof(Rank));
+        o += scratch.size();
+    };
     size_t pos = 0;
     while (pos < n) {
         size_t g = 0;
         while (g < kGroup && pos < n) {
-            size_t end = gpt2_piece_end(text, pos);
+            const size_t e = gpt2_piece_end(text, pos);
             Piece& pc = group[g++];
-            pc.begin = pos;
-            pc.len = end - pos;
-            if (pc.len > 2 && pc.len <= cacheable) {
-                pc.head = RankTable::key_head(s + pos, pc.len);
-                pc.hash = RankTable::key_hash(s + pos, pc.len, pc.head);
-                table_.prefetch(pc.hash);
-                __builtin_prefetch(&cache.entries[(pc.hash >> 17) & (PieceCache::kSlots - 1)]);
+            pc.begin = uint32_t(pos);
+            pc.len = uint32_t(e - pos);
+            if (pc.len >= 3 && pc.len <= 15) {
+                small_key(s + pos, pc.len, end, &pc.k0, &pc.k1);
+                __builtin_prefetch(sc.bucket(small_hash(pc.k0, pc.k1)));
+            } else if (pc.len > 15 && pc.len <= cacheable) {
+                pc.k0 = RankTable::key_head(s + pos, pc.len);
+                pc.k1 = RankTable::key_hash(s + pos, pc.len, pc.k0);
+                table_.prefetch(pc.k1);
+                PieceCache::Entry* set = cache.set_of(pc.k1);
+                __builtin_prefetch(set);
+                __builtin_prefetch(set + 1);
             }
-            pos = end;
+            pos = e;
         }
         for (size_t k = 0; k < g; ++k) {
             const Piece& pc = group[k];
-            if (pc.len > 2 && pc.len <= cacheable)
-                encode_hashed(s + pc.begin, pc.len, pc.head, pc.hash, out);
-            else
-                encode_piece(s + pc.begin, pc.len, out);
+            const uint8_t* p = s + pc.begin;
+            const size_t len = pc.len;
+            if (len == 1) {
+                *o++ = byte_rank_[p[0]];
+            } else if (len == 2) {
+                const Rank r = pair2_[size_t(p[0]) << 8 | p[1]];
+                if (r != kNoRank) {
+                    *o++ = r;
+                } else {
+                    o[0] = byte_rank_[p[0]];
+                    o[1] = byte_rank_[p[1]];
+                    o += 2;
+                }
+            } else if (len <= 15) {
+                SmallCache::Entry* b = sc.bucket(small_hash(pc.k0, pc.k1));
+                if (b[0].k0 == pc.k0 && b[0].k1 == pc.k1) {
+                    o += small_emit(b[0], wide, o);
+                } else if (b[1].k0 == pc.k0 && b[1].k1 == pc.k1) {
+                    o += small_emit(b[1], wide, o);
+                } else {
+                    Rank* at = o;
+                    const uint64_t head = RankTable::key_head(p, len);
+                    const uint64_t hash = RankTable::key_hash(p, len, head);
+                    const Rank r = len <= table_.max_len() ? table_.find_hashed(p, len, head, hash) : kNoRank;
+                    if (r != kNoRank)
+                        *o++ = r;
+                    else
+                        slow(p, len, head, hash, true, true);
+                    if (size_t(o - at) <= sc.max_tokens) small_store(b, pc.k0, pc.k1, at, size_t(o - at), wide);
+                }
+            } else if (len <= cacheable) {
+                slow(p, len, pc.k0, pc.k1, true);
+            } else {
+                slow(p, len, 0, 0, false);
+            }
         }
     }
+    return size_t(o - dst);
+}
+
+void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
+    const size_t at = out.size();
+    out.resize(at + text.size() + kOutSlack);
+    out.resize(at + encode_ordinary_into(text, out.data() + at));
 }
 
 void Encoder::encode(std::string_view text, const std::vector<bool>& allowed, std::vector<Rank>& out) const {

@@ -105,6 +105,11 @@ class Encoder {
 
     // Encodes without looking for special tokens.
     void encode_ordinary(std::string_view text, std::vector<Rank>& out) const;
+    // The same into `dst`, which has room for text.size() + kOutSlack ids (a piece of n bytes is
+    // at most n tokens; the slack lets cached tokens be copied in fixed-size moves). Returns the
+    // number of ids written.
+    static constexpr size_t kOutSlack = 16;
+    size_t encode_ordinary_into(std::string_view text, Rank* dst) const;
     // Encodes, turning occurrences of the special tokens with `allowed[i]` true (i indexes
     // `specials()`) into their ids.
     void encode(std::string_view text, const std::vector<bool>& allowed, std::vector<Rank>& out) const;
@@ -144,6 +149,12 @@ class Encoder {
     static void set_long_piece_threads(unsigned threads);
     static unsigned long_piece_threads();
     static void set_long_piece_segment(size_t min_bytes);
+    // The per-thread cache of short pieces that are several tokens (bpe.cpp): its number of
+    // two-entry sets (rounded up to a power of two; process-wide, taken by each thread at its next
+    // encode) and the bytes it takes on each thread that encodes (128 a set).
+    static void set_piece_cache_sets(size_t sets);
+    static size_t piece_cache_sets();
+    static size_t piece_cache_bytes();
     static size_t long_piece_segment();
     // How pieces longer than 128 bytes are encoded: "backtrack" or "merge" (see backtrack.cpp).
     const char* long_piece_method() const;
@@ -153,7 +164,9 @@ class Encoder {
     size_t check_number_pairs(size_t* pairs) const;
 
   private:
-    void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out) const;
+    // `not_a_token`: the caller has looked the piece up in the rank table already.
+    void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out,
+                       bool not_a_token = false) const;
     void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
     void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;   // dispatches to one of:
     void bpe_heap(const uint8_t* p, size_t n, std::vector<Rank>& out) const;    // the merge rule, O(n log n)
