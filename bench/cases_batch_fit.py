@@ -103,7 +103,7 @@ def cases(ctx):
     if kernel_arch(ctx, OP, K) is None:
         return []
     cfg = gptfast.GPTConfig.from_name("gpt2", drop_rate=0.0)
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = ctx.info.memory_bytes or torch.cuda.get_device_properties(0).total_memory
     budgets = [g for g in ((8,) if ctx.quick else (8, 12, 24)) if g * GIB <= total]
     if not budgets:
         ctx.skip(f"{OP}: the card has {total / GIB:.1f} GiB, under the smallest budget (8 GiB)")

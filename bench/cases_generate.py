@@ -26,14 +26,15 @@ def cases(ctx):
         cfg = gptfast.GPTConfig.from_name("gpt2", drop_rate=0.0)
         new_tokens, dtype, name = (128 if ctx.quick else 512), torch.bfloat16, "gpt2"
     torch.manual_seed(0)
-    model = gptfast.GPTModel(cfg).to(ctx.device, dtype).eval()
+    # a dry run lists the plan without touching the device (a GPU's plan can be listed without one)
+    model = None if ctx.dry_run else gptfast.GPTModel(cfg).to(ctx.device, dtype).eval()
     out = []
     # Seconds a call on the shared 2-core machine at busy times, by (batch, cached), at the quick
     # plan's 32 new tokens (the full plan's 64 are held at 3x: the uncached cost grows faster than the
     # count); on a GPU, 10 ms a new token, generously.
     cpu_s = {(1, False): 1.5, (1, True): 0.7, (8, False): 4.0, (8, True): 0.7}
     for batch in (1, 8):
-        prompt = torch.randint(0, cfg.vocab_size, (batch, 32), device=ctx.device)
+        prompt = None if ctx.dry_run else torch.randint(0, cfg.vocab_size, (batch, 32), device=ctx.device)
         for use_cache in (False, True):
             def run(prompt=prompt, use_cache=use_cache):
                 return generate(model, prompt, new_tokens, use_cache=use_cache)

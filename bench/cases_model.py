@@ -44,10 +44,12 @@ def cases(ctx):
 
     cfg = gptfast.GPTConfig.from_name("gpt2", drop_rate=0.0)
     b, t = (2, 1024) if ctx.quick else (8, 1024)
-    idx = torch.randint(0, cfg.vocab_size, (b, t), device="cuda")
+    # a dry run lists the plan without touching the device (a GPU's plan can be listed without one)
+    device = "meta" if ctx.dry_run else "cuda"
+    idx = torch.randint(0, cfg.vocab_size, (b, t), device=device)
     impls = [("reference", "reference", False), ("triton", "triton", False), ("torch.compile", "reference", True)]
     for name, backend, compiled in impls:
-        model = _model(cfg, backend, "cuda", torch.bfloat16).eval()
+        model = _model(cfg, backend, device, torch.bfloat16).eval()
         fn = torch.compile(model) if compiled else model
 
         def forward(fn=fn):

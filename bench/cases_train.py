@@ -57,11 +57,13 @@ def cases(ctx):
 
     cfg = gptfast.GPTConfig.from_name("gpt2", drop_rate=0.0)
     b, t = (4, 1024) if ctx.quick else (8, 1024)
-    idx = torch.randint(0, cfg.vocab_size, (b, t), device="cuda")
+    # a dry run lists the plan without touching the device (a GPU's plan can be listed without one)
+    device = "meta" if ctx.dry_run else "cuda"
+    idx = torch.randint(0, cfg.vocab_size, (b, t), device=device)
     for name, backend, compiled in [("reference", "reference", False), ("triton", "triton", False),
                                     ("torch.compile", "reference", True)]:
         torch.manual_seed(0)
-        model = gptfast.GPTModel(cfg, backend=backend).cuda()
+        model = gptfast.GPTModel(cfg, backend=backend).to(device)
         step = _step_fn(model, idx, "cuda", True, compiled)
         try:
             if not ctx.dry_run:

@@ -111,6 +111,7 @@ class DeviceInfo:
     peak_gbps: float | None = None  # measured device-to-device copy bandwidth (GPU)
     peak_tflops: dict = field(default_factory=dict)  # nominal dense tensor-core peak by dtype
     peak_source: str = ""
+    memory_bytes: int | None = None  # the GPU's memory
 
 
 @dataclass
@@ -157,7 +158,8 @@ def device_info(device: str | None = None, measure: bool = True) -> DeviceInfo:
     if device == "cuda":
         name = torch.cuda.get_device_name()
         major, minor = torch.cuda.get_device_capability()
-        info = DeviceInfo("cuda", name, _slug(name), arch=f"sm_{major}{minor}")
+        info = DeviceInfo("cuda", name, _slug(name), arch=f"sm_{major}{minor}",
+                          memory_bytes=torch.cuda.get_device_properties(0).total_memory)
         for frag, peaks in _KNOWN_PEAKS.items():
             if frag in name:
                 info.peak_tflops = dict(peaks)
@@ -250,7 +252,8 @@ def kernel_arch(ctx: Context, op: str, module) -> int | None:
 
     import torch
 
-    arch = ops.cuda_arch(torch.device("cuda"))
+    # the info's arch, so that a plan for a GPU can be listed on a machine without one (gpu_session --dry-run)
+    arch = int(ctx.info.arch[3:]) if ctx.info.arch else ops.cuda_arch(torch.device("cuda"))
     if arch not in module.SUPPORTED_ARCHS:
         proven = ", ".join(f"sm_{a}" for a in module.SUPPORTED_ARCHS)
         ctx.skip(f"{op} [triton]: the kernel is not proven on sm_{arch} (proven: {proven})")
