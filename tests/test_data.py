@@ -141,3 +141,63 @@ def test_bad_data_is_named(tmp_path):
         val.check(32)
     with pytest.raises(DataError, match="outside the vocabulary"):
         write_shards([np.array([1, 999])], str(tmp_path / "oov"), "gpt2", 256, 255)
+
+
+# ---- DATA as folders, globs and JSONL -------------------------------------------------------------
+
+
+def test_expand_text_sources_folders_globs_and_shard_folders(tmp_path, monkeypatch):
+    from gptfast.data import expand_text_sources
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for name in ("b.txt", "a.jsonl", "c.txt", "notes.md", "sub/d.txt"):
+        (corpus / name).write_text("x", encoding="utf-8")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "meta.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert expand_text_sources(["corpus"]) == ["corpus/a.jsonl", "corpus/b.txt", "corpus/c.txt"]
+    assert expand_text_sources(["corpus/*.txt", "corpus/b.txt"]) == ["corpus/b.txt", "corpus/c.txt"]
+    assert expand_text_sources(["shards", "corpus/sub/d.txt"]) == ["shards", "corpus/sub/d.txt"]
+    assert expand_text_sources(["shards/meta.json"]) == ["shards/meta.json"]
+    assert expand_text_sources(["*"]) == ["corpus/a.jsonl", "corpus/b.txt", "corpus/c.txt", "shards"]
+    for paths, message in [(["nothing/*.txt"], "matches no file"), (["corpus/sub/none.txt"], "does not exist"),
+                           (["empt?"], "matches only folders"), ([str(tmp_path / "shards" / "x")], "does not exist")]:
+        with pytest.raises(DataError, match=message):
+            expand_text_sources(paths)
+    with pytest.raises(DataError, match="no .txt or .jsonl files and no meta.json"):
+        expand_text_sources(["empty"])
+
+
+def test_a_folder_and_its_files_give_the_same_data_and_fingerprint(tmp_path, tok):
+    from gptfast.data import data_fingerprint, data_sources
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "one.txt").write_text("the first document, " * 20, encoding="utf-8")
+    (corpus / "two.jsonl").write_text('{"text": "a line"}\n{"text": "another line"}\n', encoding="utf-8")
+    by_folder = open_token_data([str(corpus)], str(tmp_path / "c1"), tok)
+    by_files = open_token_data([str(corpus / "one.txt"), str(corpus / "two.jsonl")], str(tmp_path / "c2"), tok)
+    assert data_sources(by_folder) == data_sources(by_files)
+    assert data_fingerprint(by_folder) == data_fingerprint(by_files)
+    ids = np.concatenate([np.asarray(a) for a in by_folder[0].arrays]).tolist()
+    eot = [tok.eot_token]
+    assert ids == (tok.encode("the first document, " * 20) + eot + tok.encode("a line") + eot
+                   + tok.encode("another line") + eot)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"text": "ok"}\n{"text": "cut', "line 2: not valid JSON"),
+    (b'{"body": "x"}\n', 'line 1: has no "text" field'),
+    (b'\n\n"just a string"\n', "line 3: is a JSON str, not an object"),
+    (b'{"text": "ok"}\n{"text": "\xff"}\n', "line 2: not UTF-8 text"),
+])
+def test_jsonl_errors_name_the_file_and_the_line(tmp_path, content, message):
+    from gptfast.data import jsonl_documents
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"{path}, {message}"):
+        list(jsonl_documents(path))

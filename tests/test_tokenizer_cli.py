@@ -67,3 +67,45 @@ def test_tokenize_with_trained_tokenizer(tmp_path, shared_data):
     meta = json.loads((out / "meta.json").read_text())
     ids = np.load(out / meta["shards"][0]).tolist()
     assert ids == tok.encode_ordinary(texts[0]) + [tok.eot_token]
+
+
+def _ids(out):
+    meta = json.loads((out / "meta.json").read_text())
+    return meta, np.concatenate([np.load(out / name) for name in meta["shards"]]).tolist()
+
+
+def test_tokenize_a_folder_a_quoted_glob_and_jsonl(tmp_path, capsys):
+    enc = tiktoken.get_encoding("gpt2")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text("the second file\n", encoding="utf-8")
+    (corpus / "a.txt").write_text("the first file\n", encoding="utf-8")
+    (corpus / "c.jsonl").write_text('{"text": "line one"}\n\n{"text": "line two", "id": 2}\n', encoding="utf-8")
+    (corpus / "README.md").write_text("not a document", encoding="utf-8")
+    assert main(["tokenize", str(corpus), "--out", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert "from 3 file(s) (4 documents)" in capsys.readouterr().out
+    meta, ids = _ids(tmp_path / "f")
+    eot = [enc.eot_token]
+    texts = enc.encode_ordinary("the first file\n") + eot + enc.encode_ordinary("the second file\n") + eot
+    expected = texts + enc.encode_ordinary("line one") + eot + enc.encode_ordinary("line two") + eot
+    assert ids == expected and meta["documents"] == 4
+    assert [p.rsplit("/", 1)[1] for p in meta["sources"]] == ["a.txt", "b.txt", "c.jsonl"]
+    assert len(meta["source_sha256"]) == 3
+    assert main(["tokenize", str(corpus / "*.txt"), "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    assert _ids(tmp_path / "g")[1] == texts
+
+
+def test_tokenize_input_errors_name_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n["not", "an object"]\n', encoding="utf-8")
+    assert main(["tokenize", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"gptfast tokenize: error: {bad}, line 2: is a JSON list, not an "
+                                               'object; each line must be one object such as {"text": "..."}')
+    assert not (tmp_path / "o").exists()
+    assert main(["tokenize", str(tmp_path / "none-*.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "none-*.txt matches no file" in capsys.readouterr().err
+    good = tmp_path / "good.txt"
+    good.write_text("some text\n", encoding="utf-8")
+    assert main(["tokenize", str(good), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert main(["tokenize", str(tmp_path / "s"), "--out", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert "is already tokenized (it holds meta.json)" in capsys.readouterr().err

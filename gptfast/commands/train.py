@@ -213,9 +213,16 @@ def _same_paths(a, b):
         return False
 
 
-def resume_command(out, world):
-    """What to type to continue the run in ``out`` (its settings.json holds everything else)."""
+def resume_command(out, world, s=None):
+    """What to type to continue the run in ``out``: its settings.json holds everything else but the
+    settings of this machine (``--device``, ``--no-progress``), repeated when they were given."""
     import shlex
+
+    extra = []
+    if s is not None and "device" in s.given:
+        extra += ["--device", str(s["device"])]
+    if s is not None and s.get("no_progress"):
+        extra.append("--no-progress")
 
     if world > 1:
         head = ["torchrun", f"--nproc_per_node={world}", "-m", "gptfast"]
@@ -223,7 +230,7 @@ def resume_command(out, world):
         head = ["gptfast"]
     else:
         head = ["python", "-m", "gptfast"]
-    return shlex.join([*head, "train", "--out", out, "--resume"])
+    return shlex.join([*head, "train", "--out", out, "--resume", *extra])
 
 
 def run(args):
@@ -315,7 +322,7 @@ def run(args):
             if rank == 0:
                 if stop.checkpoint is not None:
                     print(f"gptfast train: saved {os.path.basename(stop.checkpoint)}; resume with: "
-                          f"{resume_command(out, world)}", file=sys.stderr, flush=True)
+                          f"{resume_command(out, world, s)}", file=sys.stderr, flush=True)
                 else:
                     print("gptfast train: stopped before the first checkpoint; nothing to resume",
                           file=sys.stderr, flush=True)
