@@ -196,9 +196,12 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
             torch.set_rng_state(rng["cpu"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        if os.path.isfile(metrics_path):  # the records up to the checkpoint; later ones are redone
+        if os.path.isfile(metrics_path):
+            # The records an uninterrupted run would have: those up to the checkpoint (later ones are
+            # redone), less the evaluation and test scores made only because a run stopped there.
             with open(metrics_path) as f:
-                history = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= step]
+                history = [r for r in map(json.loads, filter(str.strip, f))
+                           if r.get("step", 0) <= step and not r.get("stop") and r.get("split") != "test"]
         checkpoint.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
     else:
         check_out_dir(cfg.out_dir)
@@ -216,7 +219,7 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
             if saved is not None:
                 gen.set_state(saved)
 
-    def evaluate(epoch):
+    def evaluate(epoch, stop=False):
         model.eval()
         with torch.no_grad(), autocast():
             losses = {}
@@ -226,6 +229,8 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
             record = {"step": step, "epoch": epoch, "examples_seen": examples, **losses}
             if extra_eval is not None:
                 record.update(extra_eval(model))
+            if stop:
+                record["stop"] = True
         model.train()
         history.append(record)
         with open(metrics_path, "a") as f:
@@ -279,6 +284,8 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
                 end_of_epoch = batch == n_batches
                 if step % cfg.eval_every == 0 or end_of_epoch:
                     evaluate(epoch)
+                elif step == last_step:  # where --max-steps stops: an evaluation an uninterrupted run lacks
+                    evaluate(epoch, stop=True)
                 if end_of_epoch or step == last_step or (cfg.save_every and step % cfg.save_every == 0):
                     save(epoch, batch)
                 if step == last_step:

@@ -100,7 +100,7 @@ def read_jsonl_entries(path):
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); each line "
                                    f'must be one {{"instruction": ..., "input": ..., "output": ...}} object') from None
