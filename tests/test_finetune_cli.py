@@ -122,7 +122,7 @@ def test_an_interrupted_classifier_run_resumes_bitwise(base, sms, tmp_path, caps
 
 def test_a_lora_instruct_run_resumes_bitwise(base, alpaca_jsonl, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    lora = ("--lora-rank", "2", "--epochs", "1", "--eval-every", "4")  # 17 training entries: 9 steps
+    lora = ("--lora-rank", "2", "--epochs", "1")  # 17 training entries: 9 steps
     assert main(instruct(base, alpaca_jsonl, whole, *lora)) == 0
     assert main(instruct(base, alpaca_jsonl, parts, *lora, "--max-steps", "5")) == 0
     assert os.path.isfile(parts / "step-5" / "lora" / "adapters.safetensors")
