@@ -267,9 +267,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-cache", action="store_true", help="recompile even when a cached result exists")
     p.add_argument("--smoke", action="store_true", help="compile one config only (a quick self-check)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--launched", action="store_true",
+                   help="instead: what GPT-2's training shapes launch, compiled as launched, with blocks per SM, the "
+                        "MMA, the loads and the main loop's SASS instructions (bench/launches.py)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # we compile for real GPUs here, never interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (and its warning quiet)
+    if args.launched:
+        return _main_launched(args)
     rows, missing = collect(tuple(args.op or OPS), tuple(args.arch or ARCH_LIMITS), tuple(args.dtype or DTYPES),
                             args.jobs, not args.no_cache, args.smoke,
                             progress=_progress if sys.stderr.isatty() else None)
@@ -291,6 +296,29 @@ def main(argv=None) -> int:
     spilled = [r for r in rows if r.chosen and (r.spill_stores or r.spill_loads)]
     print(f"\n{len(rows)} compiled; every config the dispatcher can choose fits"
           + (f"; {len(spilled)} spill registers" if spilled else ""))
+    return 0
+
+
+def _main_launched(args) -> int:
+    from . import launches
+
+    workloads = launches.WORKLOADS if not args.op else tuple(
+        w for w in launches.WORKLOADS if {"add_layer_norm": "layer_norm", "attention_dropout": "attention"}.get(w, w)
+        in args.op)
+    dtypes = tuple(args.dtype or ("fp16", "bf16"))
+    rows = launches.collect(workloads, tuple(args.arch) if args.arch else None, dtypes, args.jobs, not args.no_cache,
+                            progress=_progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(launches.format_table(rows))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+        os.replace(tmp, args.json)
+    spilled = [r for r in rows if r.spill_stores or r.spill_loads]
+    print(f"\n{len(rows)} launches compiled as launched at GPT-2 124M's training shapes"
+          + (f"; {len(spilled)} spill registers" if spilled else "; none spills"))
     return 0
 
 
