@@ -181,10 +181,10 @@ def fit(model, train_loader, val_loader, loss_batch, cfg: FinetuneConfig, extra_
             raise ValueError(f"--max-steps {cfg.max_steps} is below this run's step {step}: pass a larger "
                              f"--max-steps, or leave it out to train to the end of --epochs")
         if step >= last_step:
-            raise ValueError(f"the run in {cfg.out_dir} is already at step {step}, where "
-                             + (f"--max-steps {cfg.max_steps}" if cfg.max_steps is not None and cfg.max_steps < total
-                                else f"its {cfg.epochs} epoch(s) of {n_batches} steps")
-                             + " end; pass a larger --max-steps or more --epochs to train on")
+            where = (f"--max-steps {cfg.max_steps} ends" if cfg.max_steps is not None and cfg.max_steps < total
+                     else f"its {cfg.epochs} epoch(s) of {n_batches} steps end")
+            raise ValueError(f"the run in {cfg.out_dir} is already at step {step}, where {where}; pass a larger "
+                             f"--max-steps or more --epochs to train on")
         _load_trainable(model, state["trainable"], folder)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):

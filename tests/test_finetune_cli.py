@@ -162,13 +162,16 @@ def test_resume_refuses_a_max_steps_below_the_runs_step_and_a_finished_run(base,
     assert main(classify(base, sms, out, "--resume", "--max-steps", "2")) == 2
     assert "--max-steps 2 is below this run's step 3" in _err(capsys)
     assert main(classify(base, sms, out, "--resume", "--max-steps", "3")) == 2
-    assert "already at step 3" in _err(capsys) and "pass a larger --max-steps or more --epochs" in _err(capsys) + \
-        "pass a larger --max-steps or more --epochs"
+    err = _err(capsys)
+    assert "already at step 3, where --max-steps 3 ends; pass a larger --max-steps or more --epochs" in err
     assert (out / "settings.json").read_text() == before  # a refused resume leaves the run as it was
     assert main(classify(base, sms, out)) == 2  # without --resume: refused, and --resume is suggested
     assert "pass --resume to continue that run" in _err(capsys)
+    (tmp_path / "empty").mkdir()
     assert main(classify(base, sms, tmp_path / "empty", "--resume")) == 2
     assert "holds no step-N checkpoint" in _err(capsys)
+    assert main(["finetune", "classify", "--out", str(tmp_path / "nowhere"), "--resume"]) == 2
+    assert "--resume: " + str(tmp_path / "nowhere") + " is not a run folder" in _err(capsys)
 
 
 def test_max_steps_stops_mid_epoch_with_evaluations_where_eval_every_says(base, sms, tmp_path):
@@ -256,7 +259,7 @@ def test_a_config_file_supplies_the_flags_and_flags_override_it(base, sms, tmp_p
     assert [d for d, _ in checkpoint.step_dirs(str(tmp_path / "run"))] == [2]
 
 
-def test_resume_restores_the_runs_settings_and_names_overrides(base, sms, tmp_path):
+def test_resume_restores_the_runs_settings_and_names_overrides(base, sms, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(classify(base, sms, out, "--max-steps", "2", "--eval-every", "3")) == 0
     result = cli("finetune", "classify", "--out", out, "--resume", "--max-steps", "4", "--eval-every", "1",
@@ -264,8 +267,13 @@ def test_resume_restores_the_runs_settings_and_names_overrides(base, sms, tmp_pa
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"resuming {out / 'step-2'} at step 2"
-    assert lines[1] == "  --eval-every 1 overrides this run's 3"
+    assert lines[1] == "  --eval-every 1 overrides this run's 3" and not lines[2].startswith("warning")
     assert [r["step"] for r in evals(out)] == [3, 4]  # batch size 2 restored; the new --eval-every from step 3
+    assert main(["finetune", "classify", "--out", str(out), "--resume", "--max-steps", "5", "--batch-size", "3",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "--batch-size 3 overrides this run's 2" in printed
+    assert "warning: --batch-size changed: the examples and their order from here on are not those" in printed
 
 
 @pytest.mark.parametrize("text, message", [

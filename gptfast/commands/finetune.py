@@ -13,6 +13,9 @@ HELP = "fine-tune a pretrained GPT-2: text classification (chapter 6) or instruc
 # Settings a resumed run does not take back from the run's settings.json: where it is, how it looks,
 # and where this invocation stops (a resume without --max-steps trains to the end of --epochs).
 RESTORE_EXCLUDE = ("out", "no_progress", "max_steps")
+# Settings that decide which examples a step trains on: changing one on resume breaks exactness.
+ORDER_FLAGS = ("--data", "--batch-size", "--seed", "--val-data", "--test-data", "--test-fraction", "--max-length",
+               "--text-column", "--label-column", "--template")
 
 
 def _common(p, epochs, data_help):
@@ -107,8 +110,10 @@ def _settings(args):
         if s["resume"]:
             if not s["out"]:
                 raise CommandError("--resume needs --out: the run folder to continue")
-            if os.path.isdir(s["out"]):
-                s = settings.resolve(args, saved=settings.read_saved(s["out"]), restore_exclude=RESTORE_EXCLUDE)
+            if not os.path.isdir(s["out"]):
+                raise CommandError(f"--resume: {s['out']} is not a run folder (it does not exist); pass the --out "
+                                   f"of the run to continue, or leave out --resume to start one there")
+            s = settings.resolve(args, saved=settings.read_saved(s["out"]), restore_exclude=RESTORE_EXCLUDE)
     except settings.SettingsError as e:
         raise CommandError(str(e)) from None
     for key, what in (("base", "--base DIR|NAME (the pretrained model)"), ("data", "--data FILE"),
@@ -153,6 +158,10 @@ def run(args):
         print(f"resuming {folder} at step {step}")
         for line in settings.describe_overrides(s):
             print(f"  {line}")
+        reordered = [flag for flag, _, _ in s.overrides if flag in ORDER_FLAGS]
+        if reordered:
+            print(f"warning: {', '.join(reordered)} changed: the examples and their order from here on are not "
+                  f"those of an uninterrupted run")
     created = not os.path.exists(out)
     amp = autocast_dtype(cfg.dtype, device)
     try:
