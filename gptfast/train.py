@@ -810,7 +810,7 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_requested = True
             if self.is_main:
-                print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once, without "
+                print(("\n" if self.cfg.progress else "") + "stopping after this step to save a checkpoint (Ctrl-C again to stop at once, without "
                       "saving)", file=sys.stderr, flush=True)
 
         signal.signal(signal.SIGINT, handler)
