@@ -243,3 +243,43 @@ def test_cli_bad_input_exits_nonzero_with_a_message(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["train", str(short), "--out", str(tmp_path / "run2"), "--resume", *FLAGS]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_the_resume_is_exact_with_dropout(shards, tmp_path, monkeypatch):
+    """The first SIGINT lets the step under way finish and saves it; resuming from there gives the weights
+    of an uninterrupted run bit for bit, dropout included (the RNG state saved is the step's end)."""
+    import signal
+
+    from gptfast.train import TrainingInterrupted
+
+    straight = _trainer(shards, tmp_path / "a", drop_rate=0.1, save_every=100, steps=12)
+    straight.fit()
+    run = _trainer(shards, tmp_path / "b", drop_rate=0.1, save_every=100, steps=12)
+    real = run._train_step
+
+    def step(i):
+        if i == 6:  # Ctrl-C in the middle of the 7th step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(i)
+
+    monkeypatch.setattr(run, "_train_step", step)
+    with pytest.raises(TrainingInterrupted) as stop:
+        run.fit()
+    assert stop.value.step == 7 and stop.value.checkpoint == str(tmp_path / "b" / "step-7")
+    assert [s for s, _ in checkpoint.step_dirs(str(tmp_path / "b"))] == [7]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    resumed = _trainer(shards, tmp_path / "b", drop_rate=0.1, save_every=100, steps=12)
+    resumed.fit(resume_from=str(tmp_path / "b" / "step-7"))
+    a = load_file(str(tmp_path / "a" / "step-12" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "step-12" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_applies_the_configs_lr_and_schedule(shards, tmp_path):
+    """A resumed Trainer follows its own config's lr (the CLI passes the run's saved one, or an override)."""
+    _trainer(shards, tmp_path / "a").fit(until=5)
+    trainer = _trainer(shards, tmp_path / "a", lr=1e-3, warmup=0)
+    trainer.fit(resume_from=str(tmp_path / "a" / "step-5"), until=6)
+    expected = 1e-3 * WarmupCosine(0, 20, 0.1)(6)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert trainer.scheduler.base_lrs == [1e-3, 1e-3]

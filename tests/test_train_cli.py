@@ -116,6 +116,39 @@ def test_tensorboard_writes_events_when_installed(shards, tmp_path):
     assert any(n.startswith("events.") for n in os.listdir(tmp_path / "run" / "tensorboard"))
 
 
+def test_wandb_gets_every_logged_step_and_a_resume_continues_the_same_run(shards, tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", step, data))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw))
+        return Run()
+
+    fake = types.ModuleType("wandb")
+    fake.init, fake.util = init, types.SimpleNamespace(generate_id=lambda: "abc123")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert main(["train", str(shards), "--out", str(out), "--steps", "5", "--log", "wandb", *TINY]) == 0
+    init_kw = calls[0][1]
+    assert init_kw["id"] == "abc123" and init_kw["resume"] == "allow" and init_kw["config"]["lr"] == 2e-3
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged] == [1, 2, 3, 4, 5] and "val_loss" in logged[-1][2] and "val_ppl" in logged[-1][2]
+    assert calls[-1] == ("finish",)
+    fake.util.generate_id = lambda: "another"
+    calls.clear()
+    assert main(["train", "--out", str(out), "--steps", "7", "--resume"]) == 0  # --log wandb is restored
+    assert calls[0][1]["id"] == "abc123"
+    assert [c[1] for c in calls if c[0] == "log"] == [6, 7]
+
+
 def test_save_best_keeps_the_lowest_validation_loss_across_a_resume(shards, tmp_path, capsys):
     out = str(tmp_path / "run")
     flags = [*TINY, "--save-best", "--eval-every", "2", "--lr", "3e-2"]  # a high lr: the loss goes up and down

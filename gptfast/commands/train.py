@@ -198,7 +198,8 @@ def _resolve_settings(args, rank):
             # a run made before settings.json: its trainer state records the optimization settings
             recorded = load_trainer_state(latest, mmap=True).get("config", {})
             saved = {k: recorded[k] for k in _STATE_CONFIG_FLAGS if k in recorded}
-        s = settings.resolve(args, saved=saved, restore_exclude=NOT_RESTORED)
+        # --out is how the run was found (it may have been moved since): never an override
+        s = settings.resolve(args, saved=saved, restore_exclude=(*NOT_RESTORED, "out"))
     except settings.SettingsError as e:
         raise CommandError(str(e)) from None
     # the same files named another way (relative, absolute) are no override
@@ -311,8 +312,11 @@ def run(args):
             trainer._explained = {o[0].lstrip("-").replace("-", "_") for o in s.overrides}
             if rank == 0:
                 os.makedirs(out, exist_ok=True)
-                # unset values (None) are left out: the file then works as a --config file too
-                settings.save_settings(out, "train", s, exclude=(*NOT_RESTORED, *(k for k, v in s.items() if v is None)))
+                # unset values (None) are left out: the file then works as a --config file too; the data
+                # paths are made absolute, so that a resume from another folder finds them
+                record = settings.Settings({**s, "data": [os.path.abspath(p) for p in s["data"]]})
+                settings.save_settings(out, "train", record,
+                                       exclude=(*NOT_RESTORED, *(k for k, v in s.items() if v is None)))
                 print(f"model: {cfg.n_layers} layers, {cfg.n_heads} heads, emb_dim {cfg.emb_dim}, context "
                       f"{cfg.context_length}, {model.num_parameters() / 1e6:.1f}M parameters; "
                       f"data: {train_split.num_tokens} training / {val_split.num_tokens} validation tokens; "
