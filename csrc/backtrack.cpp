@@ -430,6 +430,7 @@ const Encoder::LongTables* Encoder::long_tables() const {
             t->number_pairs();
         }
         long_->tables = std::move(t);
+        long_->ready.store(true, std::memory_order_release);
     });
     return long_->tables.get();
 }

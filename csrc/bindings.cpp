@@ -393,9 +393,10 @@ class PyEncoder {
         return std::make_unique<PyEncoder>(std::move(enc));
     }
 
-    // ids -> list of the prebuilt ints. For long lists the references are added per distinct id
-    // (one histogram pass) instead of one Py_INCREF per element, which would touch a scattered
-    // int object for every token.
+    // ids -> list of the prebuilt ints. For longer lists the references are added per distinct id
+    // instead of one Py_INCREF per element, which would touch a scattered int object for every token:
+    // one pass counts each id (in a table the thread keeps, all zero between calls) as it fills the
+    // list, and a second adds each id's count to its int once and zeroes the count again.
     py::list to_list(const std::vector<Rank>& ids) const { return to_list(ids.data(), ids.size()); }
     py::list to_list(const Rank* ids, const size_t n) const {
         PyObject* list = PyList_New(Py_ssize_t(n));
@@ -405,7 +406,7 @@ class PyEncoder {
 #if defined(Py_GIL_DISABLED)
         const bool bulk = false;
 #else
-        const bool bulk = n >= 4096;
+        const bool bulk = n >= 1024;
 #endif
         if (!bulk) {
             for (size_t i = 0; i < n; ++i) {
@@ -415,37 +416,62 @@ class PyEncoder {
             }
             return py::reinterpret_steal<py::list>(list);
         }
-        std::vector<uint32_t> count(ints_->size(), 0);
+        thread_local std::vector<uint32_t> count;
+        if (count.size() < ints_->size()) count.assign(ints_->size(), 0);
+        uint32_t* c = count.data();
         if (const uintptr_t base = ints_->base()) {  // one block of 32-byte ints: no table to read
             for (size_t i = 0; i < n; ++i) {
-                ++count[ids[i]];
+                ++c[ids[i]];
                 items[i] = reinterpret_cast<PyObject*>(base + (uintptr_t(ids[i]) << 5));
             }
         } else {
             for (size_t i = 0; i < n; ++i) {
-                ++count[ids[i]];
+                ++c[ids[i]];
                 items[i] = table[ids[i]];
             }
         }
-        for (size_t id = 0; id < count.size(); ++id) {
-            if (!count[id]) continue;
+        for (size_t i = 0; i < n; ++i) {
+            const Rank id = ids[i];
+            const uint32_t k = c[id];
+            if (!k) continue;
+            c[id] = 0;
             PyObject* o = table[id];
 #if PY_VERSION_HEX >= 0x030C0000
             if (_Py_IsImmortal(o)) continue;
 #endif
-            Py_SET_REFCNT(o, Py_REFCNT(o) + Py_ssize_t(count[id]));
+            Py_SET_REFCNT(o, Py_REFCNT(o) + Py_ssize_t(k));
         }
         return py::reinterpret_steal<py::list>(list);
     }
 
     py::list encode_ordinary(const py::handle& text) const {
         std::string_view s = utf8_of(text.ptr());
-        IdBuffer buf(s.size());
+        // The ids only pass through on their way to the list: a buffer kept by the thread, so that each
+        // call does not map (and fault in) fresh pages for them.
+        thread_local std::unique_ptr<Rank[]> keep;
+        thread_local size_t keep_cap = 0;
+        constexpr size_t kKeepMax = size_t(16) << 20;  // ids; a larger buffer is freed after the call
+        const size_t need = s.size() + Encoder::kOutSlack;
+        if (need > keep_cap) {
+            keep.reset();
+            keep_cap = 0;
+            keep.reset(new Rank[std::max(need, size_t(1) << 16)]);
+            keep_cap = std::max(need, size_t(1) << 16);
+        }
+        size_t n;
         {
             py::gil_scoped_release nogil;
-            buf.n = enc_->encode_ordinary_into(s, buf.ids);
+            n = enc_->encode_ordinary_into(s, keep.get());
         }
-        return to_list(buf.ids, buf.n);
+        struct Trim {
+            ~Trim() {
+                if (keep_cap > kKeepMax) {
+                    keep.reset();
+                    keep_cap = 0;
+                }
+            }
+        } trim;
+        return to_list(keep.get(), n);
     }
 
     py::list encode(const py::handle& text, const py::object& allowed) const {

@@ -11,6 +11,10 @@
 #include <thread>
 #include <unordered_map>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -97,17 +101,49 @@ const ByteClasses kBytes;
 
 // The end of a run of class `k` (a letter, number or other run) from i, ASCII first; at the first
 // byte of a longer character the general loop takes over.
+// Letters and digits are scanned 8 bytes at a time (SWAR): a mask with the top bit of each byte that
+// is an ASCII letter (digit), and the first byte that is not one found by counting zeros, so the end of
+// a word costs no mispredicted loop exit.
+constexpr uint64_t kHi = 0x8080808080808080ull;
+constexpr uint64_t kOnes = 0x0101010101010101ull;
+inline uint64_t ascii_letters(uint64_t w) {
+    const uint64_t low = (w | (0x20 * kOnes)) & (0x7F * kOnes);
+    return ((low | kHi) - 0x61 * kOnes) & ((0x7A | 0x80) * kOnes - low) & ~w & kHi;
+}
+inline uint64_t ascii_digits(uint64_t w) {
+    const uint64_t low = w & (0x7F * kOnes);
+    return ((low | kHi) - 0x30 * kOnes) & ((0x39 | 0x80) * kOnes - low) & ~w & kHi;
+}
+
 inline size_t ascii_run_end(const uint8_t* s, size_t n, size_t i, uint8_t k) {
     const uint8_t* cls = kBytes.cls;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (k == kLetter || k == kNumber) {
+        while (i + 8 <= n) {
+            uint64_t w;
+            std::memcpy(&w, s + i, 8);
+            const uint64_t stop = ~(k == kLetter ? ascii_letters(w) : ascii_digits(w)) & kHi;
+            if (stop) {
+                i += size_t(__builtin_ctzll(stop)) >> 3;  // little-endian: the first byte is the lowest
+                goto done;
+            }
+            i += 8;
+        }
+    }
+#endif
     while (i < n && cls[s[i]] == k) ++i;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+done:
+#endif
     if (i < n && s[i] >= 0x80) return run_end(s, n, i, CharClass(k));
     return i;
 }
-}  // namespace
 
-size_t gpt2_piece_end(std::string_view text, size_t pos) {
-    const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
-    const size_t n = text.size();
+// The body of gpt2_piece_end, inlined into the encoder's loop.
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline size_t piece_end(const uint8_t* s, size_t n, size_t pos) {
     const uint8_t c = s[pos];
     // The common cases first, on ASCII: a letter or digit run, or one after a space.
     {
@@ -117,6 +153,15 @@ size_t gpt2_piece_end(std::string_view text, size_t pos) {
             const uint8_t k2 = kBytes.cls[s[pos + 1]];
             if (k2 == kLetter || k2 == kNumber || (k2 == kOther && s[pos + 1] != '\'')) return ascii_run_end(s, n, pos + 2, k2);
         }
+    }
+    // A run of ASCII whitespace followed by ASCII (or the end): see the general rule below.
+    if (kBytes.cls[c] == kSpace) {
+        size_t i = pos + 1;
+        while (i < n && kBytes.cls[s[i]] == kSpace) ++i;
+        if (i == n) return n;
+        // one U+0020 before a non-space attaches to it (the general path); a longer run leaves its
+        // last character to what follows, and a single other character stands alone
+        if (s[i] < 0x80 && (i - 1 > pos || c != ' ')) return i - 1 > pos ? i - 1 : i;
     }
     // 's 't 're 've 'm 'll 'd  (ASCII apostrophe, lowercase only)
     if (c == '\'' && pos + 1 < n) {
@@ -148,6 +193,11 @@ size_t gpt2_piece_end(std::string_view text, size_t pos) {
     }
     if (i == n) return n;
     return last > pos ? last : i;
+}
+}  // namespace
+
+size_t gpt2_piece_end(std::string_view text, size_t pos) {
+    return piece_end(reinterpret_cast<const uint8_t*>(text.data()), text.size(), pos);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,17 +603,43 @@ void Encoder::bpe_heap(const uint8_t* p, size_t n, std::vector<Rank>& out) const
     for (uint32_t i = 0; i < N; i = nd[i].nxt) out.push_back(nd[i].part);
 }
 
+// Building the walk's tables takes 30-100 ms, more than a first pass over megabytes of ordinary text
+// costs: pieces of a few kilobytes (a rule of '=' in a text file, a run of spaces) are merged until
+// a piece long enough to pay for them comes (or they are built for another reason).
+constexpr size_t kBuildLongTablesAt = 16384;
+
 void Encoder::bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    if (n < kBuildLongTablesAt && !long_->ready.load(std::memory_order_acquire)) return bpe_heap(p, n, out);
     if (!bpe_backtrack(p, n, out)) bpe_heap(p, n, out);
 }
+
+namespace {
+// `bytes` of zeroed memory, 64-byte aligned (2 MiB aligned from 2 MiB on, and on huge pages where the
+// kernel leaves that to the program: a probe of a table of many MiB then costs no page walk). Fresh
+// pages from calloc are zero without a pass over them, so the table costs nothing until it is used.
+// `*raw` gets the block to free.
+void* zeroed_table(size_t bytes, void** raw) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t align = bytes >= kHuge ? kHuge : 64;
+    *raw = std::calloc(1, bytes + align);
+    if (!*raw) throw std::bad_alloc();
+    void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(*raw) + align - 1) & ~uintptr_t(align - 1));
+#ifdef __linux__
+    if (bytes >= kHuge) madvise(p, bytes & ~(kHuge - 1), MADV_HUGEPAGE);  // a hint; failure is harmless
+#endif
+    return p;
+}
+
+}  // namespace
 
 namespace {
 // A per-thread cache of short pieces that are more than one token: code and non-English text repeat
 // the same identifiers and words, and a lookup is far cheaper than merging. Keys are compared whole,
 // so a hit is always the piece's own encoding; a miss merges. The table is fixed in size, two-way
 // set associative: a set is two 64-byte entries side by side, and a new piece goes in front,
-// pushing the entry there to the back (and the back one out). Its memory is kSets * 128 bytes per
-// thread that encodes (16 MiB at the default 2^17 sets), whatever the text.
+// pushing the entry there to the back (and the back one out). This is the cache's second level (see
+// SmallCache for the first); with it, the whole cache takes Encoder::piece_cache_bytes() on each
+// thread that encodes (24 MiB at the default setting of 2^17 sets), whatever the text.
 struct PieceCache {
     static constexpr size_t kKey = 30;       // the longest piece kept, in bytes
     static constexpr size_t kTokens16 = 16;  // tokens an entry holds when every id is below 2^16
@@ -575,13 +651,16 @@ struct PieceCache {
         uint8_t tokens[32];  // n_tokens ids of 2 or 4 bytes each (Cache::wide)
     };
     static_assert(sizeof(Entry) == 64, "one cache line an entry");
-    std::vector<Entry> entries;  // 2 * sets
+    Entry* entries = nullptr;  // 2 * sets
+    void* raw = nullptr;
+    size_t n_entries = 0;
     size_t mask = 0;             // sets - 1
     uint64_t owner = 0;          // uid of the Encoder the entries belong to
     bool wide = false;           // 32-bit ids
     size_t max_tokens = kTokens16;
 
     Entry* set_of(uint64_t hash) { return &entries[((hash >> 17) & mask) * 2]; }
+    ~PieceCache() { std::free(raw); }
 };
 
 std::atomic<size_t> g_cache_sets{PieceCache::kDefaultSets};
@@ -594,16 +673,29 @@ void Encoder::set_piece_cache_sets(size_t sets) {
     g_cache_sets = std::max<size_t>(1, s);
 }
 size_t Encoder::piece_cache_sets() { return g_cache_sets; }
-size_t Encoder::piece_cache_bytes() { return g_cache_sets * 2 * sizeof(PieceCache::Entry); }
+namespace {
+// The second level has half as many sets as the setting (it holds the rarer pieces), the first level
+// twice as many buckets of two 32-byte entries: 192 bytes a set in all.
+inline size_t second_level_sets(size_t sets) { return std::max<size_t>(1, sets / 2); }
+inline size_t first_level_buckets(size_t sets) { return 2 * sets; }
+}  // namespace
+
+size_t Encoder::piece_cache_bytes() {
+    const size_t sets = g_cache_sets;
+    return second_level_sets(sets) * 2 * sizeof(PieceCache::Entry) + first_level_buckets(sets) * 64;
+}
 
 namespace {
 // The calling thread's cache, emptied when it last held another encoder's pieces or another size.
 inline PieceCache& cache_for(uint64_t uid, size_t n_vocab) {
     PieceCache& c = t_cache;
-    const size_t sets = g_cache_sets.load(std::memory_order_relaxed);
-    if (c.owner != uid || c.entries.size() != 2 * sets) {
-        std::vector<PieceCache::Entry>().swap(c.entries);
-        c.entries.resize(2 * sets);
+    const size_t sets = second_level_sets(g_cache_sets.load(std::memory_order_relaxed));
+    if (c.owner != uid || c.n_entries != 2 * sets || !c.entries) {
+        std::free(c.raw);
+        c.raw = nullptr;
+        c.entries = nullptr;
+        c.entries = static_cast<PieceCache::Entry*>(zeroed_table(2 * sets * sizeof(PieceCache::Entry), &c.raw));
+        c.n_entries = 2 * sets;
         c.mask = sets - 1;
         c.owner = uid;
         c.wide = n_vocab > 65536;
@@ -699,16 +791,13 @@ thread_local SmallCache t_small;
 
 inline SmallCache& small_cache_for(uint64_t uid, size_t n_vocab) {
     SmallCache& c = t_small;
-    const size_t buckets = 2 * g_cache_sets.load(std::memory_order_relaxed);
+    const size_t buckets = first_level_buckets(g_cache_sets.load(std::memory_order_relaxed));
     if (c.owner != uid || c.mask + 1 != buckets || !c.e) {
         std::free(c.raw);
         c.raw = nullptr;
         c.e = nullptr;
         const size_t bytes = buckets * 2 * sizeof(SmallCache::Entry);
-        // calloc: fresh pages are zero (empty) without a pass over them
-        c.raw = std::calloc(1, bytes + 64);
-        if (!c.raw) throw std::bad_alloc();
-        c.e = reinterpret_cast<SmallCache::Entry*>((reinterpret_cast<uintptr_t>(c.raw) + 63) & ~uintptr_t(63));
+        c.e = static_cast<SmallCache::Entry*>(zeroed_table(bytes, &c.raw));
         c.mask = buckets - 1;
         c.owner = uid;
         c.wide = n_vocab > 65536;
@@ -815,7 +904,7 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     while (pos < n) {
         size_t g = 0;
         while (g < kGroup && pos < n) {
-            const size_t e = gpt2_piece_end(text, pos);
+            const size_t e = piece_end(s, n, pos);
             Piece& pc = group[g++];
             pc.begin = uint32_t(pos);
             pc.len = uint32_t(e - pos);

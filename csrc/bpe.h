@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -181,6 +182,7 @@ class Encoder {
     struct LongSlot {
         std::once_flag once;
         std::unique_ptr<LongTables> tables;
+        std::atomic<bool> ready{false};  // tables is built
         LongSlot();
         ~LongSlot();
     };
