@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.resources", description=__doc__.split("\n\n")[0])
     p.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
     p.add_argument("--arch", action="append", type=int, choices=sorted(ARCH_LIMITS), help="only this arch, e.g. 86")
-    p.add_argument("--dtype", action="append", choices=DTYPES)
+    p.add_argument("--dtype", action="append", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
     p.add_argument("--no-cache", action="store_true", help="recompile even when a cached result exists")
     p.add_argument("--smoke", action="store_true", help="compile one config only (a quick self-check)")

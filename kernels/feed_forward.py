@@ -9,14 +9,19 @@ forward
     y  = g @ W2^T + b2
 
 backward (dy: (M, E))
-    dh  = (dy @ W2) * gelu'(h)    epilogue: the GELU derivative, reading h
-    dW2 = dy^T @ gelu(h)          GELU recomputed as h is loaded: g is never saved
+    dh  = (dy @ W2) * gelu'(h)    epilogue: gelu(h) and its derivative from one tanh, reading h; it
+                                  writes dh, g = gelu(h), and each tile's column sums of dh (db1)
+    dW2 = dy^T @ g                a plain GEMM: no GELU in any main loop
     dW1 = dh^T @ x
     dx  = dh @ W1
-    db2 = sum_rows(dy), db1 = sum_rows(dh)   (one reduction each, deterministic)
+    db2 = sum_rows(dy), db1 = the tiles' partial sums added in order   (deterministic)
 
 so the autograd function saves x (the op's input) and h alone -- no GELU output and none of the
-composite GELU's intermediates. Transposes are stride swaps: the kernel reads A and B through any
+composite GELU's intermediates (g exists only during the backward). Weight gradients have few output
+tiles and a long K at GPT-2's shapes, so they are split along K until they fill two waves of the GPU;
+the fp32 partials are added in a fixed order, so every gradient is the same bits on every run. Loads
+and stores are masked only when a dimension is not a multiple of the tile, and offsets are 32-bit
+unless one reaches 2^31. Transposes are stride swaps: the kernel reads A and B through any
 strides. Order in this file: the kernel -> launchers -> custom ops -> autograd -> the public function.
 """
 
@@ -55,25 +60,33 @@ def _gelu(h):
 
 
 @triton.jit
-def _gelu_grad(h):
-    # d gelu / dh = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(...)
+def _gelu_and_grad(h):
+    # gelu(h) and d gelu / dh from one tanh:
+    # gelu' = 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 h^2),  t = tanh(...)
     t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    gelu = 0.5 * h * (1.0 + t)
+    grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    return gelu, grad
 
 
 @triton.jit
 def _ffn_matmul_kernel(
     A,  # (M, K) left operand, read through stride_am / stride_ak
     B,  # (K, N) right operand, read through stride_bk / stride_bn
-    C,  # (M, N) output, row-major
+    C,  # (M, N) output, row-major; with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
     BIAS,  # (N,) bias, when HAS_BIAS
     H,  # (M, N) pre-activation: written when EPILOGUE == EPI_GELU, read when EPI_DGELU
+    G,  # (M, N) gelu(H), written when EPILOGUE == EPI_DGELU (what dW2 multiplies)
+    DB,  # (cdiv(M, BLOCK_M), N) fp32 column sums of C per tile row, when EPILOGUE == EPI_DGELU
     M, N, K,  # problem size
     stride_am, stride_ak,  # A's strides
     stride_bk, stride_bn,  # B's strides
     HAS_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr,  # EPI_NONE | EPI_GELU | EPI_DGELU
-    GELU_B: tl.constexpr,  # apply gelu to B as it is loaded (B is a pre-activation)
+    SPLIT_K: tl.constexpr,  # programs along K (axis 1), each summing K / SPLIT_K of the products
+    EVEN_MN: tl.constexpr,  # M and N are multiples of the tiles: no row or column masks
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K * SPLIT_K: no K masks in the main loop
+    IDX64: tl.constexpr,  # some offset passes 2^31: form offsets in 64 bits
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -90,35 +103,73 @@ def _ffn_matmul_kernel(
     pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
     pid_n = (pid % (GROUP_M * num_n)) // group_size
 
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    # this program's share of K: whole BLOCK_K steps, the last split taking what is left
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = tl.program_id(1) * k_steps * BLOCK_K
+    k_end = tl.minimum(k_begin + k_steps * BLOCK_K, K)
+    a_ptrs = A + offs_m[:, None] * stride_am + (k_begin + offs_k)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = B + (k_begin + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        if GELU_B:
-            b = _gelu(b.to(tl.float32)).to(a.dtype)  # gelu(0) = 0 keeps the masked padding neutral
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if EVEN_K and EVEN_MN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (k0 + offs_k) < k_end
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     n_ok = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = (offs_m[:, None] < M) & n_ok[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]  # C and H are row-major (M, N)
-    if EPILOGUE == 1:  # EPI_GELU: keep the pre-activation for backward, pass gelu(h) on
-        tl.store(H + out_offs, acc.to(H.dtype.element_ty), mask=out_mask)
-        acc = _gelu(acc)
-    if EPILOGUE == 2:  # EPI_DGELU: chain rule through the GELU
-        h = tl.load(H + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(h)
-    tl.store(C + out_offs, acc.to(C.dtype.element_ty), mask=out_mask)
+    out_offs = offs_m[:, None] * N + offs_n[None, :]  # C, H and G are row-major (M, N)
+    if SPLIT_K > 1:  # fp32 partials, summed in a fixed order by the launcher
+        part = C + tl.program_id(1).to(tl.int64) * M * N + out_offs
+        if EVEN_MN:
+            tl.store(part, acc)
+        else:
+            tl.store(part, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            if EVEN_MN:
+                acc += tl.load(BIAS + offs_n).to(tl.float32)[None, :]
+            else:
+                acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 1:  # EPI_GELU: keep the pre-activation for backward, pass gelu(h) on
+            if EVEN_MN:
+                tl.store(H + out_offs, acc.to(H.dtype.element_ty))
+            else:
+                tl.store(H + out_offs, acc.to(H.dtype.element_ty), mask=out_mask)
+            acc = _gelu(acc)
+        if EPILOGUE == 2:  # EPI_DGELU: chain rule through the GELU; gelu(h) for dW2 from the same tanh
+            if EVEN_MN:
+                h = tl.load(H + out_offs).to(tl.float32)
+            else:
+                h = tl.load(H + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+            gelu, grad = _gelu_and_grad(h)
+            acc = acc * grad
+            if EVEN_MN:
+                tl.store(G + out_offs, gelu.to(G.dtype.element_ty))
+            else:
+                tl.store(G + out_offs, gelu.to(G.dtype.element_ty), mask=out_mask)
+            # db1's partial sums: this tile's column sums of dh as stored (rounded to C's dtype)
+            rounded = acc.to(C.dtype.element_ty).to(tl.float32)
+            if not EVEN_MN:
+                rounded = tl.where(out_mask, rounded, 0.0)
+            tl.store(DB + pid_m * N + offs_n, tl.sum(rounded, axis=0), mask=n_ok)
+        if EVEN_MN:
+            tl.store(C + out_offs, acc.to(C.dtype.element_ty))
+        else:
+            tl.store(C + out_offs, acc.to(C.dtype.element_ty), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,28 +202,50 @@ def configs(arch, dtype):
     if arch not in _ARCH_FAMILY:
         return []
     table = _CONFIGS_32 if dtype == torch.float32 else _CONFIGS_16
-    base = dict(table[_ARCH_FAMILY[arch]])
-    return [base, _heavy(base)]
+    return [dict(table[_ARCH_FAMILY[arch]])]
 
 
-def _heavy(cfg):
-    """The config of the variants with GELU math in the main loop or the epilogue (dh, dW2): twice the
-    warps over the same tile, so each thread holds half of it and nothing spills."""
-    return dict(cfg, num_warps=2 * cfg["num_warps"], heavy=True)
+def _config_for(arch, dtype, epilogue):
+    # One config for every variant: with no GELU in any main loop, the dh epilogue (gelu, gelu' and the
+    # column sums) fits the same warps without spilling (bench.resources --launched). Twice the warps
+    # halves each thread's tile but caps it at 128 registers, and sm_90's dh then spills.
+    return configs(arch, dtype)[0]
 
 
-def _config_for(arch, dtype, epilogue, gelu_b):
-    base = configs(arch, dtype)[0]
-    return _heavy(base) if arch is not None and (gelu_b or epilogue == EPI_DGELU) else base
+# Programs a GEMM should launch to fill the GPU: two waves of the SMs of the largest card each config
+# family is sized for (H100 SXM: 132; A100: 108; the consumer family: an RTX 4090's 128). A weight
+# gradient at GPT-2's shapes has few output tiles (768 x 3072 in 128 x 128 tiles: 144) and a long K
+# (the 8,192 rows), so it is split along K until it fills them; under the interpreter, a small target
+# makes the tests' shapes take the split path too.
+_TARGET_PROGRAMS = {80: 2 * 108, 86: 2 * 128, 90: 2 * 132, None: 8}
+_MAX_SPLIT = 8
+_MIN_K_STEPS = {None: 1}  # BLOCK_K steps each split keeps at least (8 on a GPU)
 
 
-# The kernel variants a feed-forward launches: (label, HAS_BIAS, EPILOGUE, GELU_B).
+def split_k(arch, tiles, k, block_k):
+    """How many programs share each output tile along K (1: no split), deterministic in the shape."""
+    target = _TARGET_PROGRAMS[None if arch is None else _ARCH_FAMILY[arch]]
+    if tiles >= target:
+        return 1
+    steps = triton.cdiv(k, block_k)
+    most = max(1, min(_MAX_SPLIT, steps // _MIN_K_STEPS.get(arch, 8)))
+    return max(1, min(most, triton.cdiv(target, tiles)))
+
+
+def _needs_int64(m, n, k, a_strides, b_strides, split):
+    """Whether some element offset the kernel forms reaches 2^31 (then it forms them in 64 bits)."""
+    sam, sak = (abs(x) for x in a_strides)
+    sbk, sbn = (abs(x) for x in b_strides)
+    largest = max((m - 1) * sam + (k - 1) * sak, (k - 1) * sbk + (n - 1) * sbn, split * m * n)
+    return largest >= 2 ** 31 - 1
+
+
+# The kernel variants a feed-forward launches: (label, HAS_BIAS, EPILOGUE).
 _VARIANTS = (
-    ("fc + gelu epilogue", True, EPI_GELU, False),
-    ("proj + bias", True, EPI_NONE, False),
-    ("dh = dy W2 * gelu'(h)", False, EPI_DGELU, False),
-    ("dW2 = dy^T gelu(h)", False, EPI_NONE, True),
-    ("dW1, dx", False, EPI_NONE, False),
+    ("fc + gelu epilogue", True, EPI_GELU),
+    ("proj + bias", True, EPI_NONE),
+    ("dh = dy W2 * gelu'(h); gelu(h); db1 partials", False, EPI_DGELU),
+    ("dW1, dW2, dx", False, EPI_NONE),
 )
 
 
@@ -181,24 +254,27 @@ def resource_specs(arch, dtype):
     t = _DTYPES[dtype]
     specs = []
     for cfg in configs(arch, dtype):
-        for label, has_bias, epilogue, gelu_b in _VARIANTS:
-            if cfg.get("heavy", False) != (gelu_b or epilogue == EPI_DGELU):
-                continue  # each variant launches with one of the two configs
-            specs.append({
-                "kernel": _ffn_matmul_kernel,
-                "signature": {"A": f"*{t}", "B": f"*{t}", "C": f"*{t}", "BIAS": f"*{t}", "H": f"*{t}",
-                              "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32",
-                              "stride_bk": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr",
-                              "EPILOGUE": "constexpr", "GELU_B": "constexpr", "BLOCK_M": "constexpr",
-                              "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-                              "DOT_PRECISION": "constexpr"},
-                "constexprs": {"HAS_BIAS": has_bias, "EPILOGUE": epilogue, "GELU_B": gelu_b,
-                               "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                               "GROUP_M": cfg["GROUP_M"], "DOT_PRECISION": _precision(dtype)},
-                "num_warps": cfg["num_warps"],
-                "num_stages": cfg["num_stages"],
-                "label": f"{label} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
-            })
+        for label, has_bias, epilogue in _VARIANTS:
+            for split in ((1, 2) if epilogue == EPI_NONE and not has_bias else (1,)):
+                specs.append({
+                    "kernel": _ffn_matmul_kernel,
+                    "signature": {"A": f"*{t}", "B": f"*{t}", "C": "*fp32" if split > 1 else f"*{t}",
+                                  "BIAS": f"*{t}", "H": f"*{t}", "G": f"*{t}", "DB": "*fp32",
+                                  "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32",
+                                  "stride_bk": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr",
+                                  "EPILOGUE": "constexpr", "SPLIT_K": "constexpr", "EVEN_MN": "constexpr",
+                                  "EVEN_K": "constexpr", "IDX64": "constexpr", "BLOCK_M": "constexpr",
+                                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+                                  "DOT_PRECISION": "constexpr"},
+                    "constexprs": {"HAS_BIAS": has_bias, "EPILOGUE": epilogue, "SPLIT_K": split, "EVEN_MN": False,
+                                   "EVEN_K": False, "IDX64": True, "BLOCK_M": cfg["BLOCK_M"],
+                                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "GROUP_M": cfg["GROUP_M"],
+                                   "DOT_PRECISION": _precision(dtype)},
+                    "num_warps": cfg["num_warps"],
+                    "num_stages": cfg["num_stages"],
+                    "label": f"{label}{f' split {split}' if split > 1 else ''} "
+                             f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}",
+                })
     return specs
 
 
@@ -221,26 +297,45 @@ def _precision(dtype):
 # --------------------------------------------------------------------------------------------------
 
 
-def _matmul(a, b, bias, arch, *, epilogue=EPI_NONE, gelu_b=False, h=None):
+def _matmul(a, b, bias, arch, *, epilogue=EPI_NONE, h=None):
     """C = a @ b (+ bias) with the requested epilogue; a: (M, K), b: (K, N), any strides.
 
-    Returns C (M, N), and for ``EPI_GELU`` also the stored pre-activation H.
+    Returns C (M, N); for ``EPI_GELU`` also the stored pre-activation H; for ``EPI_DGELU`` also
+    gelu(H) and the column sums of C (fp32, summed over the tile rows in a fixed order).
     """
     m, k = a.shape
     n = b.shape[1]
-    cfg = _config_for(arch, a.dtype, epilogue, gelu_b)
-    c = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    cfg = _config_for(arch, a.dtype, epilogue)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = split_k(arch, tiles, k, bk) if epilogue == EPI_NONE and bias is None else 1
+    if split > 1:
+        c = torch.empty((split, m, n), device=a.device, dtype=torch.float32)
+    else:
+        c = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    g = db = None
     if epilogue == EPI_GELU:
         h = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    wrap_triton(_ffn_matmul_kernel)[grid](
-        a, b, c, bias if bias is not None else c, h if h is not None else c,
+    if epilogue == EPI_DGELU:
+        g = torch.empty((m, n), device=a.device, dtype=a.dtype)
+        db = torch.empty((triton.cdiv(m, bm), n), device=a.device, dtype=torch.float32)
+    wrap_triton(_ffn_matmul_kernel)[(tiles, split)](
+        a, b, c, bias if bias is not None else c, h if h is not None else c, g if g is not None else c,
+        db if db is not None else c,
         m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue, GELU_B=gelu_b,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue, SPLIT_K=split,
+        EVEN_MN=m % bm == 0 and n % bn == 0, EVEN_K=k % (bk * split) == 0,
+        IDX64=_needs_int64(m, n, k, a.stride(), b.stride(), split),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         DOT_PRECISION=_precision(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return (c, h) if epilogue == EPI_GELU else c
+    if split > 1:
+        c = c.sum(0).to(a.dtype)  # the partials in a fixed order: the same bits every run
+    if epilogue == EPI_GELU:
+        return c, h
+    if epilogue == EPI_DGELU:
+        return c, g, db.sum(0)
+    return c
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,11 +358,11 @@ def _ffn_bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, fc_weight: t
                 proj_weight: torch.Tensor, arch: Optional[int]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dy: (M, E) -> dx (M, E), dW1 (H, E), db1 (H,), dW2 (E, H), db2 (E,)."""
-    dh = _matmul(dy, proj_weight, None, arch, epilogue=EPI_DGELU, h=h)  # (M, H)
-    d_proj_w = _matmul(dy.t(), h, None, arch, gelu_b=True)  # (E, H) = dy^T gelu(h)
+    dh, g, db1 = _matmul(dy, proj_weight, None, arch, epilogue=EPI_DGELU, h=h)  # (M, H), (M, H), (H,)
+    d_proj_w = _matmul(dy.t(), g, None, arch)  # (E, H) = dy^T gelu(h): a plain GEMM
     d_fc_w = _matmul(dh.t(), x, None, arch)  # (H, E)
     dx = _matmul(dh, fc_weight, None, arch)  # (M, E)
-    d_fc_b = dh.sum(0, dtype=torch.float32).to(dh.dtype)
+    d_fc_b = db1.to(dh.dtype)
     d_proj_b = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, d_fc_w, d_fc_b, d_proj_w, d_proj_b
 

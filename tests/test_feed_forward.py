@@ -89,6 +89,36 @@ def test_fp16_output_and_all_five_gradients(rows, width):
     _check(rows, width, torch.float16)
 
 
+def test_shapes_that_divide_the_tiles_take_the_unmasked_split_k_path():
+    # 64 rows x width 32 divide the interpreter's 32 x 32 x 32 tiles: no masks anywhere, and the weight
+    # gradients (4 output tiles each, K = 64 rows) are split in two along K
+    from gptfast.kernels import feed_forward as K
+
+    assert K.split_k(None, tiles=4, k=64, block_k=32) == 2
+    _check(64, 32, torch.float32)
+    _check(64, 32, torch.float16)
+
+
+@pytest.mark.parametrize("arch, tiles, k, block_k, split", [
+    (90, 144, 8192, 64, 2),   # dW1 / dW2 at GPT-2 124M: 144 tiles of 128 x 128 -> 288 programs, 2.2 waves on 132 SMs
+    (80, 144, 8192, 32, 2),   # 288 programs on an A100's 108 SMs
+    (90, 384, 3072, 64, 1),   # dx: 384 tiles already fill the GPU
+    (86, 288, 8192, 32, 1),   # the consumer config's 128 x 64 tiles: 288 tiles
+    (90, 1, 64, 64, 1),       # one BLOCK_K step: nothing to split
+])
+def test_split_k_fills_two_waves_of_the_gpu(arch, tiles, k, block_k, split):
+    from gptfast.kernels import feed_forward as K
+
+    assert K.split_k(arch, tiles, k, block_k) == split
+
+
+def test_gradients_are_the_same_bits_on_every_run():
+    tensors, dy = _inputs(37, 80, torch.float32)
+    runs = [_run(lambda *a: ops.feed_forward(*a, backend="triton"), tensors, dy, torch.float32) for _ in range(2)]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
 def test_without_biases():
     _check(9, 32, torch.float32, bias=False)
 
