@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -13,6 +14,9 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#ifdef __unix__
+#include <pthread.h>
 #endif
 
 #if defined(__SSE2__)
@@ -964,9 +968,24 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
 }
 
 void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>& out) const {
-    const size_t at = out.size();
-    out.resize(at + text.size() + kOutSlack);
-    out.resize(at + encode_ordinary_into(text, out.data() + at));
+    // Into a buffer the thread keeps (room for the worst case, one id a byte, without zeroing it or
+    // faulting in fresh pages every call), then copied: the vector gets the ids' size, not the room.
+    thread_local std::unique_ptr<Rank[]> buf;
+    thread_local size_t cap = 0;
+    constexpr size_t kKeep = size_t(16) << 20;  // ids; a larger buffer is freed after the call
+    const size_t need = text.size() + kOutSlack;
+    if (need > cap) {
+        buf.reset();
+        cap = 0;
+        buf.reset(new Rank[std::max(need, size_t(1) << 16)]);
+        cap = std::max(need, size_t(1) << 16);
+    }
+    const size_t got = encode_ordinary_into(text, buf.get());
+    out.insert(out.end(), buf.get(), buf.get() + got);
+    if (cap > kKeep) {
+        buf.reset();
+        cap = 0;
+    }
 }
 
 void Encoder::encode(std::string_view text, const std::vector<bool>& allowed, std::vector<Rank>& out) const {
@@ -1003,6 +1022,62 @@ void Encoder::encode(std::string_view text, const std::vector<bool>& allowed, st
     }
 }
 
+namespace {
+// Worker threads kept for the life of the process: a batch's threads then find their piece caches
+// warm from the batches before (threads started per call would start every batch cold, and pay for
+// mapping their caches each time). Workers are started as a batch asks for more; a child made by
+// fork() starts a new pool (the parent's workers do not exist there). Never destroyed, so no worker
+// is joined while the interpreter exits.
+class WorkerPool {
+  public:
+    static WorkerPool& get() {
+        static const bool hooked = [] {
+#ifdef __unix__
+            pthread_atfork(nullptr, nullptr, [] { instance() = nullptr; });
+#endif
+            return true;
+        }();
+        (void)hooked;
+        WorkerPool*& p = instance();
+        if (!p) p = new WorkerPool();
+        return *p;
+    }
+    // Queues `k` runs of `job`; starts workers until there are at least k. `job` must outlive them.
+    void submit(size_t k, const std::function<void()>* job) {
+        std::lock_guard<std::mutex> lock(mu_);
+        while (workers_ < k) {
+            std::thread(&WorkerPool::loop, this).detach();  // throws std::system_error if none can start
+            ++workers_;
+        }
+        for (size_t i = 0; i < k; ++i) queue_.push_back(job);
+        cv_.notify_all();
+    }
+
+  private:
+    static WorkerPool*& instance() {
+        static WorkerPool* p = nullptr;
+        return p;
+    }
+    void loop() {
+        t_batch_worker = true;
+        for (;;) {
+            const std::function<void()>* job;
+            {
+                std::unique_lock<std::mutex> lock(mu_);
+                cv_.wait(lock, [&] { return !queue_.empty(); });
+                job = queue_.front();
+                queue_.pop_front();
+            }
+            (*job)();
+        }
+    }
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<const std::function<void()>*> queue_;
+    size_t workers_ = 0;
+};
+}  // namespace
+
 void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, const std::vector<bool>* allowed,
                                 int num_threads,
                                 const std::function<void(size_t, size_t, std::vector<std::vector<Rank>>&)>& consume) const {
@@ -1013,25 +1088,36 @@ void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, cons
     std::condition_variable ready;
     std::atomic<size_t> next{0};
     std::atomic<bool> stop{false};
-    auto work = [&]() {
-        t_batch_worker = true;
+    size_t running = 0;  // workers inside `work`, guarded by mu
+    const std::function<void()> work = [&]() {
         for (;;) {
             const size_t i = next.fetch_add(1);
-            if (i >= n || stop.load(std::memory_order_relaxed)) return;
-            if (allowed)
-                encode(texts[i], *allowed, out[i]);
-            else
-                encode_ordinary(texts[i], out[i]);
+            if (i >= n || stop.load(std::memory_order_relaxed)) break;
+            try {
+                if (allowed)
+                    encode(texts[i], *allowed, out[i]);
+                else
+                    encode_ordinary(texts[i], out[i]);
+            } catch (...) {  // (out of memory) the caller finds the text not done and stops
+                stop = true;
+            }
             {
                 std::lock_guard<std::mutex> lock(mu);
                 done[i] = 1;
             }
-            ready.notify_one();
+            ready.notify_all();
         }
+        std::lock_guard<std::mutex> lock(mu);
+        --running;
+        ready.notify_all();
     };
     const size_t nt = std::min(size_t(std::max(1, num_threads)), n);  // none for an empty batch
-    std::vector<std::thread> threads;
-    for (size_t t = 0; t < nt; ++t) threads.emplace_back(work);
+    running = nt;
+    if (nt) WorkerPool::get().submit(nt, &work);
+    auto wait_all = [&] {
+        std::unique_lock<std::mutex> lock(mu);
+        ready.wait(lock, [&] { return running == 0; });
+    };
     try {
         size_t begin = 0;
         while (begin < n) {
@@ -1041,15 +1127,16 @@ void Encoder::encode_batch_each(const std::vector<std::string_view>& texts, cons
                 ready.wait(lock, [&] { return done[begin] != 0; });
                 while (end < n && done[end]) ++end;
             }
+            if (stop) throw std::bad_alloc();
             consume(begin, end, out);
             begin = end;
         }
     } catch (...) {
         stop = true;
-        for (auto& t : threads) t.join();
+        wait_all();
         throw;
     }
-    for (auto& t : threads) t.join();
+    wait_all();
 }
 
 size_t Encoder::count_ordinary(std::string_view text) const {
