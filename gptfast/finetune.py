@@ -3,10 +3,14 @@
 A run folder looks like a training run's, so everything that reads one reads this too::
 
     OUT/step-N/model.safetensors   the fine-tuned weights (LoRA adapters merged in), the book's names
-    OUT/step-N/config.json         model config + the task (num_classes, labels, pad_token_id, ...)
+    OUT/step-N/config.json         model config + the task (num_classes, labels, pad_token_id, template, ...)
     OUT/step-N/lora/               with LoRA: only the adapters (+ the new head), see gptfast.lora
-    OUT/metrics.jsonl              one JSON object per evaluation
-    OUT/responses.json             instruct: the validation entries with the model's responses
+    OUT/step-N/trainer_state.pt    what --resume needs: step, data position, optimizer, GradScaler, RNG and
+                                   the trainable tensors unmerged; torch.load(weights_only=True)
+    OUT/metrics.jsonl              one JSON object per evaluation, then the test split's scores
+    OUT/summary.json               the last evaluation and the test scores of the latest invocation
+    OUT/settings.json              the command's effective settings (reusable as --config)
+    OUT/responses.json             instruct: validation and test entries with the model's responses
 
 A step folder is written as ``OUT/.step-N.tmp`` and renamed into place (a crash never leaves half a
 checkpoint). ``GPTModel.from_pretrained(OUT)`` loads the newest step, classifier head included.
@@ -494,4 +498,5 @@ def finetune_instructions(base, data, cfg: FinetuneConfig, *, tokenizer=None, ma
     return model, history
 
 
-__all__ = ["FinetuneConfig", "fit", "resume_point", "read_trainer_state", "autocast_dtype", "finetune_classifier", "finetune_instructions", "save_finetuned", "DatasetError"]
+__all__ = ["FinetuneConfig", "fit", "finetune_classifier", "finetune_instructions", "save_finetuned", "resume_point",
+           "read_trainer_state", "autocast_dtype", "DatasetError"]
