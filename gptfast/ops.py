@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -374,6 +375,9 @@ def causal_attention(q, k, v, *, dropout_p=0.0, softmax_scale=None, cache_seqlen
         raise ValueError(f"causal_attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, heads or head_dim")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None and not 0.0 < float(softmax_scale) < math.inf:
+        # masked scores are -inf: a scale of 0 or below turns them into NaN or into the largest score
+        raise ValueError(f"causal_attention: softmax_scale must be a positive number, got {softmax_scale}")
     if cache_seqlens is None:
         if k.shape[2] != t_q:
             raise ValueError(

@@ -8,10 +8,11 @@ tile of keys and accumulates dK and dV over the queries that see it, another own
 and accumulates dQ over its keys -- no atomics, so gradients are bitwise reproducible.
 
 Dropout is applied inside the kernels, on the attention weights as the book applies it
-(``dropout(softmax(S)) @ V``): a keep/drop decision per (batch*head, query, key) from Philox
-(``tl.rand4x``), keyed by a seed drawn from torch's default generator at call time and by the
-element's position, so the backward pass regenerates the same mask and ``torch.manual_seed``
-reproduces a run.
+(``dropout(softmax(S)) @ V``): a keep/drop decision per (batch*head, query, key) from one random byte
+of Philox (``tl.randint4x``: sixteen decisions a call), keyed by a seed drawn from torch's default
+generator at call time and by the element's position, so the backward pass regenerates the same mask
+and ``torch.manual_seed`` reproduces a run. A byte compared with ``256 p`` makes the probability a
+multiple of 1/256 (:func:`effective_dropout_p`: 0.1 becomes 0.1016), and survivors are scaled by that.
 
 With ``cache_seqlens`` the same kernels serve a KV cache: query ``i`` of row ``b`` sits at position
 ``cache_seqlens[b] + i`` and sees keys ``0 .. cache_seqlens[b] + i``. Decode steps (a few queries
@@ -51,18 +52,33 @@ LOG2E = 1.4426950408889634
 def _keep_mask(seed, rng_base, offs_m, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr):
     """Philox keep decisions for queries ``offs_m`` x keys ``start_n .. start_n + BLOCK_N`` of one slice.
 
-    One Philox call gives four uniforms (``tl.rand4x``), used by four neighbouring keys: element
-    (i, j) takes output ``j % 4`` of counter ``rng_base + i * ceil(Tk / 4) + j // 4`` (int64), with
-    ``rng_base = bh * Tq * ceil(Tk / 4)``. The forward and both backward kernels build the mask with
-    this one function, so all three see the same mask. ``start_n`` is a multiple of 4.
+    One Philox call gives four 32-bit words (``tl.randint4x``), sixteen bytes, used by sixteen
+    neighbouring keys: key 16g + 4a + b of row i reads byte b of word a of counter
+    ``rng_base + i * ceil(Tk / 16) + g`` (int64), with ``rng_base = bh * Tq * ceil(Tk / 16)``, and is
+    dropped when that byte is below ``256 * dropout_p`` (``dropout_p`` is a multiple of 1/256: see
+    :func:`effective_dropout_p`). The forward and both backward kernels build the mask with this one
+    function, so all three see the same mask. ``start_n`` is a multiple of 16.
     """
     BLOCK_M: tl.constexpr = offs_m.shape[0]
-    offs_g = start_n // 4 + tl.arange(0, BLOCK_N // 4)  # (BLOCK_N // 4,) groups of four keys
-    counters = rng_base + offs_m.to(tl.int64)[:, None] * ((T_K + 3) // 4) + offs_g[None, :]
-    u0, u1, u2, u3 = tl.rand4x(seed, counters)  # (BLOCK_M, BLOCK_N // 4) each
-    # join so that key 4g + 2a + b reads u_{2a+b}: key j reads output j % 4 of its group's counter
-    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # (BLOCK_M, BLOCK_N // 4, 2, 2)
-    return tl.reshape(u, (BLOCK_M, BLOCK_N)) >= dropout_p
+    offs_g = start_n // 16 + tl.arange(0, BLOCK_N // 16)  # (BLOCK_N // 16,) groups of sixteen keys
+    counters = rng_base + offs_m.to(tl.int64)[:, None] * ((T_K + 15) // 16) + offs_g[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)  # (BLOCK_M, BLOCK_N // 16) each, uint32
+    threshold = tl.cast(dropout_p * 256.0, tl.uint32)  # exact: dropout_p = threshold / 256
+    # byte b of every word, joined so that key 4a + b of a group reads byte b of word a (the first join
+    # is the most significant index: words a = 2 a1 + a0, then bytes b = 2 b1 + b0)
+    w0 = _words(r0, r1, r2, r3, 0)
+    w1 = _words(r0, r1, r2, r3, 1)
+    w2 = _words(r0, r1, r2, r3, 2)
+    w3 = _words(r0, r1, r2, r3, 3)
+    u = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # (BLOCK_M, BLOCK_N // 16, 2, 2, 2, 2)
+    return tl.reshape(u, (BLOCK_M, BLOCK_N)) >= threshold
+
+
+@triton.jit
+def _words(r0, r1, r2, r3, BYTE: tl.constexpr):
+    """Byte ``BYTE`` of the four words, joined as (a1, a0): word a = 2 a1 + a0."""
+    return tl.join(tl.join((r0 >> (8 * BYTE)) & 255, (r2 >> (8 * BYTE)) & 255),
+                   tl.join((r1 >> (8 * BYTE)) & 255, (r3 >> (8 * BYTE)) & 255))
 
 
 @triton.jit
@@ -90,19 +106,23 @@ def _fwd_tile(
     q_pos, start_n, offs_m, offs_n, offs_d,
     T_K, qk_scale, seed, rng_base, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_CACHE: tl.constexpr,
 ):
     """One step of the online softmax: fold keys ``start_n .. start_n + BLOCK_N`` into (acc, m_i, l_i)."""
     k_pos = start_n + offs_n  # (BLOCK_N,)
     k, v = _load_kv(K_tile, V_tile, stride_kt, stride_vt, k_pos, offs_d, T_K, HEAD_DIM, BLOCK_D, CAUSAL_MASK)
-    # scores in log2 units: s = (q . k) * softmax_scale * log2(e), so exp2(s) = exp(scaled score)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-    if CAUSAL_MASK:  # a tile on the diagonal, or past the last key: hide what a query may not see
-        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < T_K)
+    # raw scores; the scale (softmax_scale * log2(e), > 0) is folded into the exponent, so the row
+    # maximum is taken on the raw dot and each probability costs one FMA: exp2(s * scale - m)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    if CAUSAL_MASK:  # a tile on the diagonal: hide the keys after each query
+        if HAS_CACHE:  # rows of a cache may end before the tile's last key
+            visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < T_K)
+        else:  # Tq == Tk: a key a real query sees is never past the end (padded rows are not stored)
+            visible = k_pos[None, :] <= q_pos[:, None]
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,) running row maximum
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (BLOCK_M,) running row maximum, log2 units
     alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
-    p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N) unnormalized probabilities
+    p = tl.exp2(s * qk_scale - m_new[:, None])  # (BLOCK_M, BLOCK_N) unnormalized probabilities
     l_i = l_i * alpha + tl.sum(p, 1)  # the denominator counts every weight, dropped or not
     if DROPOUT:  # dropout(softmax(S)): drop weights after the softmax, scale survivors by 1/(1-p)
         keep = _keep_mask(seed, rng_base, offs_m, start_n, T_K, dropout_p, offs_n.shape[0])
@@ -134,7 +154,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_CACHE: tl.constexpr, DROPOUT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    # causal tiles further down see more keys: launch them first, so the short ones fill the tail
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
     b = off_bh // H
     h = off_bh % H
@@ -150,7 +171,7 @@ def _attn_fwd_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 3) // 4)
+    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 15) // 16)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query indices
     offs_n = tl.arange(0, BLOCK_N)
@@ -176,11 +197,11 @@ def _attn_fwd_kernel(
     for start_n in range(lo, tl.minimum(full_end, end), BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_tile, V_tile, stride_kt, stride_vt,
                                   q_pos, start_n, offs_m, offs_n, offs_d, T_K, qk_scale, seed, rng_base,
-                                  dropout_p, HEAD_DIM, BLOCK_D, False, DROPOUT, DOT_PRECISION)
+                                  dropout_p, HEAD_DIM, BLOCK_D, False, DROPOUT, DOT_PRECISION, HAS_CACHE)
     for start_n in range(tl.maximum(full_end, lo), end, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_tile, V_tile, stride_kt, stride_vt,
                                   q_pos, start_n, offs_m, offs_n, offs_d, T_K, qk_scale, seed, rng_base,
-                                  dropout_p, HEAD_DIM, BLOCK_D, True, DROPOUT, DOT_PRECISION)
+                                  dropout_p, HEAD_DIM, BLOCK_D, True, DROPOUT, DOT_PRECISION, HAS_CACHE)
 
     if SPLIT_KV:  # leave (acc, m_i, l_i) for _attn_fwd_combine_kernel; a split past a row's keys leaves -inf, 0
         part = (off_bh.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * T_Q + offs_m  # (BLOCK_M,)
@@ -345,7 +366,7 @@ def _attn_bwd_dkdv_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 3) // 4)
+    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 15) // 16)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -421,7 +442,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_CACHE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the query tiles that see the most keys first
     off_bh = tl.program_id(1)
     b = off_bh // H
     h = off_bh % H
@@ -438,7 +459,7 @@ def _attn_bwd_dq_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 3) // 4)
+    rng_base = off_bh.to(tl.int64) * T_Q * ((T_K + 15) // 16)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -800,6 +821,16 @@ def unsupported_reason(fn_name, q, k, v, *args):
     return None
 
 
+def effective_dropout_p(p: float) -> float:
+    """The dropout probability the kernels apply for a requested ``p`` in [0, 1): the nearest multiple
+    of 1/256, and at least 1/256 when ``p > 0`` (each decision compares one random byte with
+    ``256 p``). 0.1 becomes 26/256 = 0.1016; survivors are scaled by 1 / (1 - that)."""
+    p = float(p)
+    if p <= 0.0:
+        return 0.0
+    return min(255, max(1, round(p * 256))) / 256
+
+
 def causal_attention(q, k, v, *, dropout_p=0.0, softmax_scale=None, cache_seqlens=None, arch=None):
     """Causal scaled dot-product attention, the kernel twin of :func:`gptfast.reference.causal_attention`.
 
@@ -807,7 +838,8 @@ def causal_attention(q, k, v, *, dropout_p=0.0, softmax_scale=None, cache_seqlen
     is read as it is). Without ``cache_seqlens`` Tq == Tk and query i sees keys 0..i. With
     ``cache_seqlens`` (B,) int, query i of row b sits at position ``cache_seqlens[b] + i`` of the cache
     k/v and sees keys up to it. ``softmax_scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention
-    weights after the softmax (survivors scaled by 1/(1 - p)); the mask comes from a seed drawn from
+    weights after the softmax with the probability :func:`effective_dropout_p` rounds it to (a multiple
+    of 1/256), survivors scaled by 1/(1 - that); the mask comes from a seed drawn from
     torch's default generator of q's device, so ``torch.manual_seed`` reproduces it. ``arch``: the CUDA
     arch (e.g. 86) whose configs to use, None for Triton's CPU interpreter. Returns (B, H, Tq, D) in
     q's dtype, laid out like q. Differentiable in q, k and v (with or without a cache).
@@ -817,10 +849,13 @@ def causal_attention(q, k, v, *, dropout_p=0.0, softmax_scale=None, cache_seqlen
         raise ValueError(problem)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    dropout_p = float(dropout_p)
+    softmax_scale = float(softmax_scale)
+    if not 0.0 < softmax_scale < math.inf:  # the kernels fold it into the exponent: the max needs it > 0
+        raise ValueError(f"causal_attention: softmax_scale must be a positive number, got {softmax_scale}")
+    dropout_p = effective_dropout_p(dropout_p)
     seed = None
     if dropout_p > 0.0:  # drawn now, so torch.manual_seed and checkpointing's RNG replay reproduce it
         seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64)
-    o, _ = torch.ops.gptfast.flash_attention_fwd(q, k, v, cache_seqlens, seed, dropout_p, float(softmax_scale),
+    o, _ = torch.ops.gptfast.flash_attention_fwd(q, k, v, cache_seqlens, seed, dropout_p, softmax_scale,
                                                  -1 if arch is None else int(arch))
     return o

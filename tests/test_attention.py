@@ -132,6 +132,17 @@ def test_contiguous_inputs_and_custom_scale():
     _check(q, k, v, do, torch.float32, softmax_scale=0.3)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_scale_that_is_not_positive_is_refused(scale, backend):
+    # masked scores are -inf: a scale of 0 or below would make them NaN or the largest score
+    q, k, v, _ = _inputs(1, 1, 8, 16, seed=6)
+    with pytest.raises(ValueError, match="softmax_scale must be a positive number"):
+        ops.causal_attention(q, k, v, softmax_scale=scale, backend=backend)
+    with pytest.raises(ValueError, match="softmax_scale must be a positive number"):
+        K.causal_attention(q, k, v, softmax_scale=scale, arch=ARCH)
+
+
 def test_expanded_output_gradient():
     # out.sum() sends back a gradient with stride 0 everywhere: the kernels read it through its strides
     q, k, v, _ = _inputs(1, 2, 40, 32, seed=4)
@@ -204,6 +215,7 @@ def _keep_mask(b, h, t, p, seed, t_k=None, d=None):
     v = torch.eye(t_k, device=DEVICE).expand(b, h, t_k, t_k)
     torch.manual_seed(seed)
     out = K.causal_attention(q, k, v, dropout_p=p, arch=ARCH)
+    p = K.effective_dropout_p(p)  # survivors are scaled by the probability the kernel applies
     keep = out.double() * (torch.arange(t, device=DEVICE, dtype=torch.float64) + 1)[:, None] * (1 - p)
     assert (keep - keep.round()).abs().max() < 1e-4, "the weights of kept entries are not 1/((i+1)(1-p))"
     keep = keep.round()
@@ -213,13 +225,28 @@ def _keep_mask(b, h, t, p, seed, t_k=None, d=None):
     return keep, causal
 
 
+@pytest.mark.parametrize("p, effective", [(0.1, 26 / 256), (0.3, 77 / 256), (0.5, 0.5), (1e-4, 1 / 256),
+                                          (0.999, 255 / 256), (0.0, 0.0)])
+def test_the_dropout_probability_is_the_nearest_multiple_of_1_256(p, effective):
+    assert K.effective_dropout_p(p) == effective
+
+
 def test_dropout_keep_rate_and_scaling():
     p = 0.3
     keep, causal = _keep_mask(2, 4, 128, p, seed=11)
     kept = keep[..., causal]  # 8 slices x 8256 visible weights
     rate = kept.mean().item()
+    p = K.effective_dropout_p(p)  # 77 / 256
     sigma = math.sqrt(p * (1 - p) / kept.numel())
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # the sixteen keys that share one Philox call are not one decision repeated: within each group of
+    # 16 neighbouring keys the kept count varies as independent draws would (binomial variance)
+    counts = keep.reshape(2, 4, 128, 8, 16).sum(-1)  # (b, h, query, group of 16 keys)
+    row = torch.arange(128, device=DEVICE)[:, None]
+    last_key = 16 * torch.arange(8, device=DEVICE)[None, :] + 15
+    full = counts[..., row >= last_key]  # groups whose 16 keys the query sees: 8 x 448 of them
+    binomial = 16 * p * (1 - p)
+    assert abs(full.var().item() - binomial) < 0.15 * binomial, (full.var().item(), binomial)
     # different heads and rows draw different masks
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
@@ -242,7 +269,7 @@ def _masked_reference(keep, p):
         scores = (q @ k.transpose(-2, -1)).masked_fill(reference.causal_mask(q.shape[2], k.shape[2],
                                                                              device=q.device), -torch.inf)
         weights = torch.softmax(scores / q.shape[-1] ** 0.5, dim=-1)
-        return (weights * keep.to(q.dtype) / (1 - dropout_p)) @ v
+        return (weights * keep.to(q.dtype) / (1 - K.effective_dropout_p(dropout_p))) @ v
 
     return ref
 
@@ -257,7 +284,7 @@ def test_dropout_gradients_match_the_mask_used(b, h, t, d):
         return K.causal_attention(q, k, v, dropout_p=dropout_p, arch=ARCH)
 
     _check(*_inputs(b, h, t, d, seed=14), torch.float32, kernel=kernel, ref=_masked_reference(keep, p),
-           drop=keep / (1 - p), dropout_p=p)
+           drop=keep / (1 - K.effective_dropout_p(p)), dropout_p=p)
 
 
 def test_dropout_replays_under_activation_checkpointing():
@@ -459,7 +486,7 @@ def test_gpu_fp32_is_exact_not_tf32():
 @pytest.mark.gpu
 def test_gpu_dropout_keep_rate():
     keep, causal = _keep_mask(2, 4, 128, 0.1, seed=32)
-    assert abs(keep[..., causal].mean().item() - 0.9) < 0.01
+    assert abs(keep[..., causal].mean().item() - (1 - K.effective_dropout_p(0.1))) < 0.01
 
 
 @pytest.mark.gpu
