@@ -150,6 +150,8 @@ def settings_from_file(path: str, parser) -> dict:
     actions = _actions(parser)
     out = {}
     for key, value in read_config_file(path).items():
+        if value is None:  # a JSON null: not set (the command's default applies)
+            continue
         dest = str(key).replace("-", "_")
         if dest in NOT_SAVED or dest not in actions:
             known = sorted(d.replace("_", "-") for d in actions if d not in NOT_SAVED)
@@ -186,7 +188,9 @@ class Settings(dict):
         return merged
 
     def savable(self, exclude=()) -> dict:
-        return {k: v for k, v in self.items() if k not in NOT_SAVED and k not in exclude}
+        """The settings to keep with a run: all but this invocation's own flags, ``exclude`` and the
+        unset ones (None), which a config file cannot hold (TOML has no null)."""
+        return {k: v for k, v in self.items() if k not in NOT_SAVED and k not in exclude and v is not None}
 
 
 def resolve(args, *, saved: dict | None = None, restore_exclude=()) -> Settings:

@@ -92,6 +92,19 @@ def test_a_resumed_run_restores_its_settings_and_names_each_override(tmp_path):
     assert s["steps"] == 40 and s["data"] == ["d.txt"]
 
 
+def test_unset_settings_are_not_saved_and_a_json_null_is_unset(tmp_path):
+    p, _ = _parser()
+    s = settings.resolve(p.parse_args(["--steps", "3"]))
+    assert s["out"] is None
+    settings.save_settings(str(tmp_path), "train", s)
+    saved = json.loads((tmp_path / settings.SETTINGS_FILE).read_text())["settings"]
+    assert "out" not in saved and saved["steps"] == 3
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"settings": {"out": None, "steps": 4}}))
+    again = settings.resolve(p.parse_args(["--config", str(cfg)]))
+    assert again["out"] is None and again["steps"] == 4
+
+
 def test_restore_exclude_leaves_machine_settings_to_this_invocation(tmp_path):
     p, _ = _parser()
     s = settings.resolve(p.parse_args([]), saved={"dtype": "bf16", "steps": 3}, restore_exclude=("dtype",))
