@@ -126,7 +126,7 @@ def _settings(args):
 def run(args):
     import os
 
-    from gptfast import settings
+    from gptfast import checkpoint, settings
     from gptfast.classify import DatasetError
     from gptfast.cli import CommandError
     from gptfast.devices import check_backend, resolve_device
@@ -164,6 +164,7 @@ def run(args):
                   f"those of an uninterrupted run")
     created = not os.path.exists(out)
     amp = autocast_dtype(cfg.dtype, device)
+    before = steps_before = None  # the run folder's settings.json and checkpoints before this invocation
     try:
         if args.task == "classify":
             command = "finetune classify"
@@ -183,12 +184,15 @@ def run(args):
         os.makedirs(out, exist_ok=True)
         settings_path = os.path.join(out, settings.SETTINGS_FILE)
         before = open(settings_path, "rb").read() if os.path.isfile(settings_path) else None
+        steps_before = checkpoint.step_dirs(out)
         settings.save_settings(out, command, s)
-        if s["dtype"] != "fp32" and amp is not None:
+        if amp is not None:
             print(f"training with {str(amp).removeprefix('torch.')} autocast on {device}")
         model, history = job()
     except BaseException as e:
-        _undo_settings(out, created, before if "before" in locals() else None)
+        if steps_before is None or checkpoint.step_dirs(out) == steps_before:
+            # nothing was trained: the run folder goes back to what it was
+            _undo_settings(out, created, before)
         if isinstance(e, (DatasetError, WeightsError, FileNotFoundError, FileExistsError, ValueError)):
             raise CommandError(str(e)) from None
         raise
