@@ -50,7 +50,9 @@ from .harness import Case, Context
 
 MB = 1_000_000
 FULL_SIZE = 32 * MB
-QUICK_SIZE = 2 * MB
+# The quick plan's corpus; GPTFAST_BENCH_TOKENIZER_MB sets another (for runs by hand between the two
+# plans: the steady slices and the cold pass grow with it).
+QUICK_SIZE = int(float(os.environ.get("GPTFAST_BENCH_TOKENIZER_MB", "2")) * MB)
 
 
 def _stdlib() -> str:
@@ -441,6 +443,9 @@ if lib == "gptfast":
 else:
     peer = m.build_peer(lib)
     one = peer.list if kind == "list" else peer.numpy
+if kind == "numpy":
+    import numpy  # noqa: F401  (imported on a first call otherwise, inside the timed pass)
+    (core.encode_to_numpy("", None) if lib == "gptfast" else one(""))  # the array type's first use
 print("ready", flush=True)
 sys.stdin.readline()
 t0 = time.perf_counter()
@@ -530,9 +535,9 @@ SETUP_S = {"quick": 4.0, "full": 25.0}
 # share of the corpus they use. Cold cases: rounds, each a fresh process per implementation, and the
 # bytes of the pass (the first documents of the corpus, per document).
 STEADY_ROUNDS = {"quick": 5, "full": 7}
-STEADY_SHARE = {"quick": 0.5, "full": 1.0}
+STEADY_SHARE = {"quick": 0.5, "full": 0.5}
 COLD_ROUNDS = {"quick": 3, "full": 3}
-COLD_BYTES = {"quick": 300_000, "full": 8 * MB}
+COLD_BYTES = {"quick": max(300_000, QUICK_SIZE // 4), "full": 8 * MB}
 # Seconds to start one cold child (a Python interpreter and one library, never torch), counted in the
 # plan; the children of a case start side by side.
 CHILD_START_S = 0.5
@@ -620,8 +625,9 @@ def cases(ctx: Context) -> list[Case]:
         return memo["array"]
 
     def add(op, impl, fn, work, shape_=shape, baseline=False, note="", unit="MB/s", rates=None, rounds=7,
-            min_time_s=1.0, extra_setup=0.0, peer=None):
+            min_time_s=1.0, extra_setup=0.0, peer=None, warm_work=0.0):
         rate = (rates or RATE_MBPS[op])[impl.split("[")[0] if impl not in (rates or RATE_MBPS[op]) else impl] * MB
+        extra_setup += warm_work / rate  # a first call that does more than the timed ones
         is_peer = impl == "tiktoken" or peer is not None
         exact = True if peer is None else bool(peer.exact)
         if peer is not None:
@@ -657,22 +663,30 @@ def cases(ctx: Context) -> list[Case]:
 
     # ---- steady: a warm process, new text every round (a slice of the corpus of its own per round)
     # Four groups (list and array, per document and one string), each with a slice of its own for every
-    # call, so no implementation has met a slice's text before it is timed on it. These cases run
-    # first, before any case has encoded the corpus.
+    # timed call, so no implementation has met a slice's text before it is timed on it. These cases
+    # run first, before any case has encoded the corpus; the first (untimed) call of each encodes
+    # the rest of the corpus, which no slice holds, so that the process is warm (its caches made and
+    # filled with the common pieces) when the new text comes.
     rounds = STEADY_ROUNDS[plan]
-    n_slices = 4 * (rounds + 1)
-    keep = max(1, int(len(docs) * STEADY_SHARE[plan])) if docs else 0
+    n_slices = 4 * rounds
+    keep = int(len(docs) * STEADY_SHARE[plan]) if docs else 0
     dealt = [docs[:keep][i::n_slices] for i in range(n_slices)] if docs else [[""]] * n_slices
+    warm_docs = docs[keep:] or docs[:1]
     steady_bytes = (sum(len(d.encode("utf-8")) for sl in dealt for d in sl) / n_slices) if docs else \
         size * STEADY_SHARE[plan] / n_slices
     group_no = itertools.count()
+    warm_bytes = sum(len(d.encode("utf-8")) for d in warm_docs) if docs else size * (1 - STEADY_SHARE[plan])
 
     def rotate(one, per_doc, slices):
         turn = itertools.count()
         joined = ["\n".join(sl) for sl in slices]
+        warm = "\n".join(warm_docs)
 
         def run():
-            k = next(turn) % len(slices)
+            k = next(turn)
+            if k == 0:  # the harness's warm-up call
+                return [one(d) for d in warm_docs] if per_doc else one(warm)
+            k = (k - 1) % len(slices)
             return [one(d) for d in slices[k]] if per_doc else one(joined[k])
         return run
 
@@ -681,16 +695,16 @@ def cases(ctx: Context) -> list[Case]:
             ("tokenizer.steady.encode_to_numpy", "numpy", fast.encode_to_numpy, enc.encode_to_numpy, "uint32 array")):
         for per_doc in (True, False):
             g = next(group_no)
-            slices = dealt[g * (rounds + 1):(g + 1) * (rounds + 1)]
+            slices = dealt[g * rounds:(g + 1) * rounds]
             how = "per document" if per_doc else "one string"
             shape_ = f"{steady_bytes / MB:.2g} MB new each round, {how}"
             add(op, "tiktoken", rotate(tk_fn, per_doc, slices), steady_bytes, shape_=shape_, baseline=True, rounds=rounds,
-                min_time_s=0.0, note=f"steady, 1 thread, {what}: tiktoken.Encoding.{fast_fn.__name__}")
+                min_time_s=0.0, warm_work=warm_bytes, note=f"steady, 1 thread, {what}: tiktoken.Encoding.{fast_fn.__name__}")
             add(op, "fast", one_thread(rotate(fast_fn, per_doc, slices)), steady_bytes, shape_=shape_, rounds=rounds,
-                min_time_s=0.0, note=f"steady, 1 thread, {what}: gptfast.Tokenizer.{fast_fn.__name__}")
+                min_time_s=0.0, warm_work=warm_bytes, note=f"steady, 1 thread, {what}: gptfast.Tokenizer.{fast_fn.__name__}")
             with_peers(op, method, lambda f, per_doc=per_doc, slices=slices: rotate(f, per_doc, slices), steady_bytes,
                        shape_=shape_,
-                       rounds=rounds, min_time_s=0.0)
+                       rounds=rounds, min_time_s=0.0, warm_work=warm_bytes)
 
     # ---- cold: a fresh child process per call, one pass over the first documents, per document
     crounds = COLD_ROUNDS[plan]
@@ -795,3 +809,53 @@ def cases(ctx: Context) -> list[Case]:
         with_peers(op, "list", lambda f, pieces=pieces: rotating(f, pieces), n_word, **kw)
     return out
 
+
+
+def field_table(paths: list[str]) -> str:
+    """The field as a markdown table from the JSON of one or more runs: each row's ratio to tiktoken
+    for every implementation (the range over the runs where there are several), gptfast's ratio to
+    the fastest exact peer, and which peer that is."""
+    import json
+
+    runs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            runs.append([r for r in json.load(f)["results"] if r["op"].startswith("tokenizer.")])
+    impls = ["tiktoken", "fast"] + [p for p in PEERS[1:]]
+    rows: dict = {}
+    for run in runs:
+        by_group: dict = {}
+        for r in run:
+            by_group.setdefault((r["op"], r["shape"]), {})[r["impl"]] = r["throughput"]
+        for key, got in by_group.items():
+            base = got.get("tiktoken")
+            if not base:
+                continue
+            row = rows.setdefault(key, {})
+            for impl, v in got.items():
+                row.setdefault(impl, []).append(v / base)
+            exact_peers = {k: v for k, v in got.items() if k in PEERS}
+            best = max(exact_peers, key=exact_peers.get)
+            if "fast" in got:
+                row.setdefault("vs best", []).append((got["fast"] / exact_peers[best], best))
+
+    def span(xs):
+        lo, hi = min(xs), max(xs)
+        return f"{lo:.2f}×" if abs(hi - lo) < 0.005 else f"{lo:.2f}–{hi:.2f}×"
+
+    head = ["row", "shape"] + [("gptfast" if i == "fast" else i) for i in impls] + ["gptfast / fastest exact peer"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (op, shape), row in rows.items():
+        cells = [op.replace("tokenizer.", ""), shape]
+        for impl in impls:
+            marks = [k for k in row if k.split("[")[0] == impl and (k == impl or k.endswith("[inexact]"))]
+            cells.append(span(row[marks[0]]) + (" (inexact)" if marks[0].endswith("[inexact]") else "")
+                         if marks else "—")
+        vb = row.get("vs best")
+        cells.append(f"{span([v for v, _ in vb])} ({', '.join(sorted({b for _, b in vb}))})" if vb else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.cases_tokenizer RUN.json [RUN.json ...]
+    print(field_table(sys.argv[1:]))
