@@ -248,6 +248,14 @@ def _is_global_load(op):
     return op.startswith(("LDG", "LDGSTS", "UTMALDG", "UBLKCP"))
 
 
+def mma_loops(text: str) -> list[int]:
+    """The instruction counts of every loop that holds an MMA, innermost loops only, in address order."""
+    instructions, labels = parse_sass(text)
+    found = [lp for lp in loops(instructions, labels) if any(_is_mma(opcode(i)) for i in _body(instructions, lp))]
+    inner = [lp for lp in found if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in found)]
+    return [len(_body(instructions, lp)) for lp in sorted(inner)]
+
+
 def main_loop(instructions, labels) -> list[str] | None:
     """The innermost loop holding an MMA (else the innermost one loading from global memory)."""
     candidates = loops(instructions, labels)
@@ -335,9 +343,10 @@ WIDTH, HEADS, VOCAB = 768, 12, 50257
 WORKLOADS = ("layer_norm", "add_layer_norm", "feed_forward", "attention", "attention_dropout", "linear_cross_entropy")
 
 
-def gpt2_launches(workload: str, arch: int, dtype) -> list[Launch]:
+def gpt2_launches(workload: str, arch: int, dtype, width: int = WIDTH) -> list[Launch]:
     """Every launch of one forward and backward of a workload at GPT-2 124M's training shapes on
-    ``arch``: an op of :data:`WORKLOADS` (``attention_dropout``: attention at GPT-2's dropout, 0.1)."""
+    ``arch``: an op of :data:`WORKLOADS` (``attention_dropout``: attention at GPT-2's dropout, 0.1).
+    ``width``: the model width for the layer norms (768 in GPT-2 124M, 1600 in GPT-2 XL)."""
     import torch
 
     op = {"add_layer_norm": "layer_norm", "attention_dropout": "attention"}.get(workload, workload)
@@ -351,10 +360,10 @@ def gpt2_launches(workload: str, arch: int, dtype) -> list[Launch]:
 
     with recording(arch) as launches:
         if workload == "layer_norm":
-            y = kernels.layer_norm(t(ROWS, WIDTH), t(WIDTH), t(WIDTH), arch=arch)
+            y = kernels.layer_norm(t(ROWS, width), t(width), t(width), arch=arch)
             y.backward(torch.empty_like(y))
         elif workload == "add_layer_norm":
-            s, y = kernels.add_layer_norm(t(ROWS, WIDTH), t(ROWS, WIDTH), t(WIDTH), t(WIDTH), arch=arch)
+            s, y = kernels.add_layer_norm(t(ROWS, width), t(ROWS, width), t(width), t(width), arch=arch)
             torch.autograd.backward([s, y], [torch.empty_like(s), torch.empty_like(y)])
         elif op == "feed_forward":
             y = kernels.feed_forward(t(ROWS, WIDTH), t(4 * WIDTH, WIDTH), t(4 * WIDTH), t(WIDTH, 4 * WIDTH), t(WIDTH),

@@ -145,6 +145,33 @@ def _layer_norm_bwd_kernel(
     tl.store(PARTIAL_DB + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _layer_norm_dwdb_kernel(
+    PARTIAL_DW,  # (G, N) fp32: one partial dweight row per backward program
+    PARTIAL_DB,  # (G, N) fp32: one partial dbias row per backward program
+    DW,  # (N,) out, in the weight's dtype
+    DB,  # (N,) out, in the weight's dtype
+    G,  # number of partial rows
+    N,  # width
+    BLOCK_G: tl.constexpr,  # partial rows per step
+    BLOCK_C: tl.constexpr,  # columns per program
+):
+    # dweight and dbias from the backward's partial rows: summed in fp32, always in the same order
+    # (BLOCK_G rows a step, steps in row order), then cast -- one launch instead of two sums and two casts
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    col_ok = cols < N
+    dw = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float32)
+    for start in range(0, G, BLOCK_G):
+        rows = start + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
+        mask = (rows < G)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        dw += tl.load(PARTIAL_DW + offs, mask=mask, other=0.0)
+        db += tl.load(PARTIAL_DB + offs, mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_ok)
+    tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_ok)
+
+
 # --------------------------------------------------------------------------------------------------
 # Configs, limits and resource specs
 # --------------------------------------------------------------------------------------------------
@@ -159,22 +186,31 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def _gpu_config(block_n):
-    """One config per row width bucket: a tile of at least 2048 elements per program step.
+    """One config per row width bucket.
 
-    8 elements of a tile per thread (one 16-byte vector in 16-bit dtypes), at most 16 warps. The
-    backward keeps about 16 warps resident per SM, which its ~80-130 registers a thread allow.
+    Forward: a tile of at least 2048 elements per program step, 8 elements a thread (one 16-byte
+    vector in 16-bit dtypes). Backward: 4096 elements a step (4 rows at width 768,
+    2 at 1600) on 8 warps, 16 elements of x and of dy a thread; at about 116 registers two programs
+    fit an SM, so each SM has two steps' loads (2 x 4096 x 2 tensors, 32 KB in 16-bit dtypes) in
+    flight -- a memory-bound kernel needs that many bytes moving to reach an H100's bandwidth. The
+    widest bucket (8192) takes 16 warps and one program an SM.
     """
     fwd_rows = max(1, 2048 // block_n)
-    bwd_rows = max(1, 2048 // block_n)
-    fwd_warps = min(16, max(4, fwd_rows * block_n // 256))
-    bwd_warps = min(16, max(4, bwd_rows * block_n // 256))
+    # 8 elements a thread up to 32 warps (the widest rows, 8192: at 16 warps ptxas spills on sm_80)
+    fwd_warps = min(32, max(4, fwd_rows * block_n // 256))
+    bwd_rows = max(1, 4096 // block_n)
+    bwd_warps = 8 if bwd_rows * block_n <= 4096 else 16
     return {
         "BLOCK_N": block_n,
         "FWD_ROWS": fwd_rows, "fwd_warps": fwd_warps,
         "BWD_ROWS": bwd_rows, "bwd_warps": bwd_warps,
-        "programs_per_sm": max(1, 16 // bwd_warps),
+        "programs_per_sm": 2 if bwd_warps == 8 else 1,
         "num_stages": 1,
     }
+
+
+# The dweight/dbias reduction: 8 partial rows a step, 256 columns a program.
+_REDUCE = {"BLOCK_G": 8, "BLOCK_C": 256, "num_warps": 4}
 
 
 # Under Triton's CPU interpreter: big tiles (fewer interpreted steps) and 3 backward programs, an odd
@@ -236,6 +272,15 @@ def resource_specs(arch, dtype):
                 "num_warps": cfg["bwd_warps"], "num_stages": cfg["num_stages"],
                 "label": f"bwd BLOCK_N={cfg['BLOCK_N']} ROWS={cfg['BWD_ROWS']}" + (" +residual" if has_res else ""),
             })
+    if specs:
+        specs.append({
+            "kernel": _layer_norm_dwdb_kernel,
+            "signature": {"PARTIAL_DW": "*fp32", "PARTIAL_DB": "*fp32", "DW": f"*{t}", "DB": f"*{t}", "G": "i32",
+                          "N": "i32", "BLOCK_G": "constexpr", "BLOCK_C": "constexpr"},
+            "constexprs": {"BLOCK_G": _REDUCE["BLOCK_G"], "BLOCK_C": _REDUCE["BLOCK_C"]},
+            "num_warps": _REDUCE["num_warps"], "num_stages": 1,
+            "label": "dweight/dbias reduce",
+        })
     return specs
 
 
@@ -311,8 +356,12 @@ def _launch_bwd(dy, x, weight, mean, rstd, dres, arch):
         ROWS=cfg["BWD_ROWS"], BLOCK_N=cfg["BLOCK_N"], HAS_DRES=has_dres,
         num_warps=cfg["bwd_warps"], num_stages=cfg["num_stages"],
     )
-    dw = partial_dw.sum(dim=0).to(weight.dtype)  # (N,), the G partial rows in one fixed-order sum
-    db = partial_db.sum(dim=0).to(weight.dtype)
+    dw = torch.empty((n,), dtype=weight.dtype, device=x.device)
+    db = torch.empty((n,), dtype=weight.dtype, device=x.device)
+    wrap_triton(_layer_norm_dwdb_kernel)[(triton.cdiv(n, _REDUCE["BLOCK_C"]),)](
+        partial_dw, partial_db, dw, db, g, n, BLOCK_G=_REDUCE["BLOCK_G"], BLOCK_C=_REDUCE["BLOCK_C"],
+        num_warps=_REDUCE["num_warps"], num_stages=1,
+    )  # (N,) each: the G partial rows in one fixed order, cast to the weight's dtype
     return dx, dw, db
 
 
