@@ -143,13 +143,13 @@ def corpus(size: int) -> list[str]:
     sep = "\n\x00\x00DOC\x00\x00\n"
     if os.path.exists(path):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", newline="") as f:  # no newline translation: "\r" stays
                 return f.read().split(sep)
         except (OSError, UnicodeDecodeError):
             pass
     docs = build_corpus(size)
     tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(sep.join(docs))
     os.replace(tmp, path)
     return docs
@@ -430,7 +430,7 @@ if root:
     sys.path.insert(0, root)
 m = importlib.import_module(modname)
 m._RANKS_PATH, m._HF_JSON_PATH = ranks, hf_json
-with open(corpus_path, encoding="utf-8") as f:
+with open(corpus_path, encoding="utf-8", newline="") as f:
     docs = f.read().split("\n\x00\x00DOC\x00\x00\n")
 if lib == "gptfast":
     # the extension alone: `import gptfast` would import torch, which the pass does not need
