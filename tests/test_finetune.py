@@ -311,3 +311,18 @@ def test_fit_stops_on_a_non_finite_loss_before_the_weights_change(tmp_path):
         fit(model, loader, loader, nan_loss, cfg, {})
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_classification_split_holds_out_validation_and_test_rows():
+    from gptfast.finetune import _split
+
+    train, val, test = _split(10, 0.1, 123, test_fraction=0.2)  # the book's 70/10/20
+    assert (len(train), len(val), len(test)) == (7, 1, 2) and sorted(train + val + test) == list(range(10))
+    assert _split(10, 0.1, 123, test_fraction=0.2) == (train, val, test)  # the seed decides
+    assert _split(10, 0.1, 123)[2] == [] and len(_split(10, 0.1, 123)[0]) == 9  # no test split asked for
+    train, val, test = _split(10, 0.0, 123, test_fraction=0.2)  # validation from its own file
+    assert (len(train), val, len(test)) == (8, [], 2)
+    assert _split(2, 0.1, 0, test_fraction=0.2)[2] == []  # too few rows to spare one for testing
+    assert _split(1, 0.1, 0) == ([0], [0], [])  # one row: trained on and validated with
+    with pytest.raises(ValueError, match="test_fraction"):
+        _split(10, 0.5, 0, test_fraction=0.5)
