@@ -206,10 +206,20 @@ def configs(arch, dtype):
 
 
 def _config_for(arch, dtype, epilogue):
-    # One config for every variant: with no GELU in any main loop, the dh epilogue (gelu, gelu' and the
-    # column sums) fits the same warps without spilling (bench.resources --launched). Twice the warps
-    # halves each thread's tile but caps it at 128 registers, and sm_90's dh then spills.
-    return configs(arch, dtype)[0]
+    """The arch's config, except for dh: its epilogue (h, gelu, gelu', the column sums) holds several
+    values per accumulator element, so dh keeps at most 32 accumulator elements a thread -- twice the
+    warps up to 8, then half the tile's columns. Masked (an edge that does not divide the tiles) and
+    with 64-bit offsets, 64 a thread spill 28-52 bytes on sm_80/86/90; 32 hold about 140 registers."""
+    cfg = configs(arch, dtype)[0]
+    if arch is None or epilogue != EPI_DGELU:
+        return cfg
+    cfg = dict(cfg)
+    while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 32 * 32 * cfg["num_warps"]:
+        if cfg["num_warps"] < 8:
+            cfg["num_warps"] *= 2
+        else:
+            cfg["BLOCK_N"] //= 2
+    return cfg
 
 
 # Programs a GEMM should launch to fill the GPU: two waves of the SMs of the largest card each config
@@ -240,12 +250,15 @@ def _needs_int64(m, n, k, a_strides, b_strides, split):
     return largest >= 2 ** 31 - 1
 
 
-# The kernel variants a feed-forward launches: (label, HAS_BIAS, EPILOGUE).
+# The kernel variants a feed-forward launches: (label, HAS_BIAS, EPILOGUE, the strides that are 1).
+# A launch specializes an integer argument equal to 1 into a constant, and unit strides are what let
+# Triton emit vector and asynchronous loads, so each spec marks the ones its launch has.
 _VARIANTS = (
-    ("fc + gelu epilogue", True, EPI_GELU),
-    ("proj + bias", True, EPI_NONE),
-    ("dh = dy W2 * gelu'(h); gelu(h); db1 partials", False, EPI_DGELU),
-    ("dW1, dW2, dx", False, EPI_NONE),
+    ("fc + gelu epilogue", True, EPI_GELU, ("stride_ak", "stride_bk")),  # x, W1^T
+    ("proj + bias", True, EPI_NONE, ("stride_ak", "stride_bk")),  # g, W2^T
+    ("dh = dy W2 * gelu'(h); gelu(h); db1 partials", False, EPI_DGELU, ("stride_ak", "stride_bn")),  # dy, W2
+    ("dW1, dW2", False, EPI_NONE, ("stride_am", "stride_bn")),  # dh^T / dy^T, x / g
+    ("dx", False, EPI_NONE, ("stride_ak", "stride_bn")),  # dh, W1
 )
 
 
@@ -253,23 +266,26 @@ def resource_specs(arch, dtype):
     """Every (variant, config) the dispatcher can launch on ``arch`` in ``dtype``, for ``bench.resources``."""
     t = _DTYPES[dtype]
     specs = []
-    for cfg in configs(arch, dtype):
-        for label, has_bias, epilogue in _VARIANTS:
+    for base in configs(arch, dtype):
+        for label, has_bias, epilogue, unit in _VARIANTS:
+            cfg = _config_for(arch, dtype, epilogue) if arch is not None else base
             for split in ((1, 2) if epilogue == EPI_NONE and not has_bias else (1,)):
+                signature = {"A": f"*{t}", "B": f"*{t}", "C": "*fp32" if split > 1 else f"*{t}",
+                             "BIAS": f"*{t}", "H": f"*{t}", "G": f"*{t}", "DB": "*fp32",
+                             "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32",
+                             "stride_bk": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr",
+                             "EPILOGUE": "constexpr", "SPLIT_K": "constexpr", "EVEN_MN": "constexpr",
+                             "EVEN_K": "constexpr", "IDX64": "constexpr", "BLOCK_M": "constexpr",
+                             "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+                             "DOT_PRECISION": "constexpr"}
+                signature.update({name: "constexpr" for name in unit})
                 specs.append({
                     "kernel": _ffn_matmul_kernel,
-                    "signature": {"A": f"*{t}", "B": f"*{t}", "C": "*fp32" if split > 1 else f"*{t}",
-                                  "BIAS": f"*{t}", "H": f"*{t}", "G": f"*{t}", "DB": "*fp32",
-                                  "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32",
-                                  "stride_bk": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr",
-                                  "EPILOGUE": "constexpr", "SPLIT_K": "constexpr", "EVEN_MN": "constexpr",
-                                  "EVEN_K": "constexpr", "IDX64": "constexpr", "BLOCK_M": "constexpr",
-                                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-                                  "DOT_PRECISION": "constexpr"},
+                    "signature": signature,
                     "constexprs": {"HAS_BIAS": has_bias, "EPILOGUE": epilogue, "SPLIT_K": split, "EVEN_MN": False,
                                    "EVEN_K": False, "IDX64": True, "BLOCK_M": cfg["BLOCK_M"],
                                    "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"], "GROUP_M": cfg["GROUP_M"],
-                                   "DOT_PRECISION": _precision(dtype)},
+                                   "DOT_PRECISION": _precision(dtype), **{name: 1 for name in unit}},
                     "num_warps": cfg["num_warps"],
                     "num_stages": cfg["num_stages"],
                     "label": f"{label}{f' split {split}' if split > 1 else ''} "
