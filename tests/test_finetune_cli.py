@@ -259,6 +259,23 @@ def test_a_config_file_supplies_the_flags_and_flags_override_it(base, sms, tmp_p
     assert [d for d, _ in checkpoint.step_dirs(str(tmp_path / "run"))] == [2]
 
 
+def test_settings_keep_paths_absolute_so_a_resume_works_from_another_folder(base, sms, tmp_path, monkeypatch):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(sms, work / "sms.csv")
+    monkeypatch.chdir(work)
+    assert main(["finetune", "classify", "--base", str(base), "--data", "sms.csv", "--out", "run", "--batch-size", "2",
+                 "--max-steps", "1", "--no-progress", "--device", "cpu"]) == 0
+    saved = json.loads((work / "run" / "settings.json").read_text())["settings"]
+    assert saved["data"] == str(work / "sms.csv")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run still finds its data
+    assert main(["finetune", "classify", "--out", str(work / "run"), "--resume", "--max-steps", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert [d for d, _ in checkpoint.step_dirs(str(work / "run"))][-1] == 2
+
+
 def test_resume_restores_the_runs_settings_and_names_overrides(base, sms, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(classify(base, sms, out, "--max-steps", "2", "--eval-every", "3")) == 0

@@ -14,6 +14,7 @@ HELP = "fine-tune a pretrained GPT-2: text classification (chapter 6) or instruc
 # and where this invocation stops (a resume without --max-steps trains to the end of --epochs).
 RESTORE_EXCLUDE = ("out", "no_progress", "max_steps")
 # Settings that decide which examples a step trains on: changing one on resume breaks exactness.
+_PATH_SETTINGS = ("base", "data", "val_data", "test_data")
 ORDER_FLAGS = ("--data", "--batch-size", "--seed", "--val-data", "--test-data", "--test-fraction", "--max-length",
                "--text-column", "--label-column", "--template")
 
@@ -185,7 +186,11 @@ def run(args):
         settings_path = os.path.join(out, settings.SETTINGS_FILE)
         before = open(settings_path, "rb").read() if os.path.isfile(settings_path) else None
         steps_before = checkpoint.step_dirs(out)
-        settings.save_settings(out, command, s)
+        # paths as absolute ones, so that a resume from another folder reads the same files (a GPT-2
+        # name for --base stays a name)
+        record = settings.Settings({k: (os.path.abspath(v) if k in _PATH_SETTINGS and isinstance(v, str)
+                                        and os.path.exists(v) else v) for k, v in s.items()})
+        settings.save_settings(out, command, record)
         if amp is not None:
             print(f"training with {str(amp).removeprefix('torch.')} autocast on {device}")
         model, history = job()
