@@ -122,7 +122,8 @@ class Encoder {
                            const std::function<void(size_t, size_t, std::vector<std::vector<Rank>>&)>& consume) const;
     // BPE of a single piece (no splitting), appended to `out`.
     void encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
-    // Number of tokens, encoded into a fresh vector as encode_to_numpy does (to time the core alone).
+    // Number of tokens of encode_ordinary (through a vector; the bindings' count_ordinary, which
+    // times the core alone, encodes into a buffer as encode_to_numpy does).
     size_t count_ordinary(std::string_view text) const;
 
     // Decodes the ids id_at(0), ..., id_at(n - 1) (each a uint64_t) from the front into `dst` while
