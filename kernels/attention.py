@@ -534,7 +534,10 @@ def configs(arch, dtype):
     for d in HEAD_DIMS:
         if wide:
             if d <= 64:
-                fwd = _cfg("fwd", d, 128, 64, 8, stages)
+                # sm_90 (and sm_120, where 4 warps spill): 128 queries on 8 warps, two blocks an SM on
+                # sm_90; on sm_80/86/89 the same 16 queries a warp in 64-query blocks of 4 warps, which
+                # hold ~156-168 registers a thread -- three blocks an SM where the 8-warp block fitted one
+                fwd = _cfg("fwd", d, 64, 64, 4, stages) if arch in (80, 86, 89) else _cfg("fwd", d, 128, 64, 8, stages)
                 dkdv = _cfg("bwd_dkdv", d, 32, 128, 8, stages)
                 dq = _cfg("bwd_dq", d, 128, 32, 8, stages)
             else:

@@ -320,11 +320,10 @@ def test_the_attention_forward_keeps_two_blocks_on_sm90(attention_and_norm):
     assert by_arch[90]["blocks_per_sm"] >= 2 and by_arch[90]["spill_stores"] == 0, by_arch[90]
 
 
-@pytest.mark.xfail(strict=True, reason="on sm_80 the bf16 forward holds 156 registers a thread at 8 warps: one "
-                                       "block per SM (a 4-warp config or fewer live values are the way to two)")
 def test_the_attention_forward_keeps_two_blocks_on_sm80(attention_and_norm):
+    # 64 queries on 4 warps (it was 128 on 8, at 156 registers a thread: one block an SM)
     by_arch = {r["arch"]: r["evidence"] for r in attention_and_norm["attention"]}
-    assert by_arch[80]["blocks_per_sm"] >= 2, by_arch[80]
+    assert by_arch[80]["blocks_per_sm"] >= 2 and by_arch[80]["spill_stores"] == 0, by_arch[80]
 
 
 def test_layer_norm_backward_has_twice_the_bytes_in_flight_and_one_reduce(attention_and_norm):
