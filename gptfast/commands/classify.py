@@ -27,7 +27,7 @@ def add_arguments(p):
     p.add_argument("--text-column", default="Text",
                    help="the CSV column holding the text (default Text; case-insensitive)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="auto (default): cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
     p.add_argument("--backend", default=None, help="ops backend: auto, reference, triton (default auto)")
 
 

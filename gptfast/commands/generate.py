@@ -47,7 +47,7 @@ def add_sampling_arguments(p, max_new_tokens=50):
     p.add_argument("--seed", type=int, default=123, help="seed of the sampling (default 123)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step (the book's loop)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="auto (default): cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--backend", default=None, help="ops backend: auto, reference, triton (default auto)")
 
