@@ -129,3 +129,35 @@ def test_memory_stays_bounded_on_millions_of_distinct_words(enc, fast):
         del ids
     grown = _rss() - before
     assert grown < _bpe.piece_cache_bytes() + 48 * 2**20, f"grew by {grown / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_batches_work_in_a_forked_child_after_the_parent_started_its_workers():
+    # the batch workers live for the process; a DataLoader worker forked after the parent's first batch
+    # has none of them, and must start its own rather than wait on threads that do not exist there
+    import gptfast
+
+    tok = gptfast.Tokenizer.gpt2()
+    texts = ["hello world", "Every effort moves you", "  spaces\tand\ttabs"] * 40
+    expected = tok.encode_ordinary_batch(texts, num_threads=2)
+    pid = os.fork()
+    if pid == 0:  # the child: same ids, or exit code 3
+        try:
+            ok = tok.encode_ordinary_batch(texts, num_threads=2) == expected
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 3)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:  # a child waiting on its parent's workers would wait forever: stop it and fail
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's batch did not finish in 60 s")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
