@@ -160,27 +160,10 @@ def compile_launch(launch: Launch, arch: int):
 
 
 def ptxas_usage(compiled) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on the kernel's PTX."""
-    ptx = compiled.asm["ptx"]
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
-    exe = _tool("ptxas-blackwell") if os.path.exists(_tool_path("ptxas-blackwell")) else _tool("ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        out = subprocess.run([exe, "-v", f"-arch={target}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
-    finally:
-        os.unlink(f.name)
-    info = out.stderr + out.stdout
-    regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    return regs, int(spills.group(1)), int(spills.group(2))
+    """(registers, spill store bytes, spill load bytes), as :mod:`bench.resources` reads them."""
+    from .resources import ptxas_usage as usage
 
-
-def _tool_path(name):
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return usage(compiled)
 
 
 def sass(compiled) -> str:

@@ -146,6 +146,11 @@ def compile_spec(spec, arch):
                     attrs=spec.get("attrs", aligned_attrs(spec["kernel"], spec["signature"])))
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return (*ptxas_usage(compiled), int(compiled.metadata.shared))
+
+
+def ptxas_usage(compiled) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) of a compiled kernel, from ``ptxas -v`` on its PTX."""
     ptx = compiled.asm["ptx"]
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -158,7 +163,7 @@ def compile_spec(spec, arch):
     info = out.stderr + out.stdout
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    return regs, int(spills.group(1)), int(spills.group(2)), int(compiled.metadata.shared)
+    return regs, int(spills.group(1)), int(spills.group(2))
 
 
 def _cache_dir():
