@@ -198,7 +198,258 @@ inline size_t piece_end(const uint8_t* s, size_t n, size_t pos) {
     if (i == n) return n;
     return last > pos ? last : i;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The block splitter: piece boundaries of 64 ASCII bytes at a time
+// ---------------------------------------------------------------------------------------------
+//
+// On ASCII text every rule of the pattern but the contractions looks at two neighbouring bytes
+// only, so the starts of the pieces in a block of 64 bytes come out of a few bit masks (bit i for
+// byte i) with no branch per byte:
+//   * a piece starts where the class (letter, number, whitespace, other) changes, except after a
+//     U+0020 space before a non-space, which joins what follows (' ?\p{L}+' and the like);
+//   * a whitespace byte before a non-space starts a piece of its own: a run gives its last character
+//     to what follows ('\s+(?!\S)') and a single one stands alone ('\s+'); at the end of the text the
+//     whole run is one piece, so there it starts none;
+//   * an apostrophe that starts a piece and is followed by s, d, m, t (ll, ve, re) is a contraction of
+//     two (three) bytes: its letters start no piece and the byte after it starts one. Apostrophes are
+//     rare, so each is looked at in scalar code.
+// A block with a byte of 0x80 or more is left to piece_end, piece by piece, until the text is ASCII
+// again. The masks need the class of the byte before the block (carried from the previous block)
+// and up to two bytes after it; a contraction at the end of a block moves starts of the next one.
+constexpr uint64_t kMaskSpace = 1;    // class bits of the byte before a block
+constexpr uint64_t kMaskLetter = 2;
+constexpr uint64_t kMaskNumber = 4;
+constexpr uint64_t kMaskBlank = 8;    // U+0020
+
+struct BlockClasses {
+    uint64_t letter, number, space, blank, apos;  // bit i: byte i is a letter, digit, \s, U+0020, '
+};
+
+#if defined(__SSE2__) && !defined(GPTFAST_SWAR_SPLITTER)
+// The bytes of p[0, 64) that are 0x80 or more.
+inline uint64_t high_bytes(const uint8_t* p) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 48));
+    if (_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(a, b), _mm_or_si128(c, d))) == 0) return 0;
+    return uint64_t(uint32_t(_mm_movemask_epi8(a))) | uint64_t(uint32_t(_mm_movemask_epi8(b))) << 16 |
+           uint64_t(uint32_t(_mm_movemask_epi8(c))) << 32 | uint64_t(uint32_t(_mm_movemask_epi8(d))) << 48;
+}
+
+// The classes of 64 ASCII bytes. Signed compares are exact on bytes below 0x80.
+inline void block_classes(const uint8_t* p, BlockClasses* k) {
+    uint64_t m[5] = {0, 0, 0, 0, 0};
+    const __m128i lower = _mm_set1_epi8(0x20), a1 = _mm_set1_epi8('a' - 1), z1 = _mm_set1_epi8('z' + 1);
+    const __m128i d0 = _mm_set1_epi8('0' - 1), d9 = _mm_set1_epi8('9' + 1);
+    const __m128i w0 = _mm_set1_epi8(0x09 - 1), w1 = _mm_set1_epi8(0x0D + 1), ap = _mm_set1_epi8('\'');
+    for (int j = 0; j < 4; ++j) {
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j));
+        const __m128i low = _mm_or_si128(x, lower);
+        const __m128i letter = _mm_and_si128(_mm_cmpgt_epi8(low, a1), _mm_cmpgt_epi8(z1, low));
+        const __m128i digit = _mm_and_si128(_mm_cmpgt_epi8(x, d0), _mm_cmpgt_epi8(d9, x));
+        const __m128i blank = _mm_cmpeq_epi8(x, lower);
+        const __m128i space = _mm_or_si128(_mm_and_si128(_mm_cmpgt_epi8(x, w0), _mm_cmpgt_epi8(w1, x)), blank);
+        const int sh = 16 * j;
+        m[0] |= uint64_t(uint32_t(_mm_movemask_epi8(letter))) << sh;
+        m[1] |= uint64_t(uint32_t(_mm_movemask_epi8(digit))) << sh;
+        m[2] |= uint64_t(uint32_t(_mm_movemask_epi8(space))) << sh;
+        m[3] |= uint64_t(uint32_t(_mm_movemask_epi8(blank))) << sh;
+        m[4] |= uint64_t(uint32_t(_mm_movemask_epi8(_mm_cmpeq_epi8(x, ap)))) << sh;
+    }
+    *k = BlockClasses{m[0], m[1], m[2], m[3], m[4]};
+}
+#else
+// The same 8 bytes at a time in uint64 words: a byte's flag in its top bit, then the 8 top bits of a
+// word gathered into 8 bits by one multiply (each lands on its own bit of the top byte, no carries).
+inline uint64_t gather_top_bits(uint64_t hi) { return ((hi >> 7) * 0x0102040810204080ull) >> 56; }
+inline uint64_t load64(const uint8_t* p) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    w = __builtin_bswap64(w);
+#endif
+    return w;
+}
+inline uint64_t equal_bytes(uint64_t w, uint8_t c) {  // exact: no borrow from one byte into the next
+    const uint64_t x = w ^ (c * kOnes);
+    return ~(((x & (0x7F * kOnes)) + 0x7F * kOnes) | x | (0x7F * kOnes));
+}
+inline uint64_t high_bytes(const uint8_t* p) {
+    uint64_t any = 0;
+    for (int j = 0; j < 8; ++j) any |= load64(p + 8 * j);
+    if ((any & kHi) == 0) return 0;
+    uint64_t m = 0;
+    for (int j = 0; j < 8; ++j) m |= gather_top_bits(load64(p + 8 * j) & kHi) << (8 * j);
+    return m;
+}
+inline void block_classes(const uint8_t* p, BlockClasses* k) {
+    *k = BlockClasses{0, 0, 0, 0, 0};
+    for (int j = 0; j < 8; ++j) {
+        const uint64_t w = load64(p + 8 * j);
+        const uint64_t blank = equal_bytes(w, 0x20);
+        const uint64_t ws = ((w | kHi) - 0x09 * kOnes) & ((0x0D | 0x80) * kOnes - w) & kHi;
+        const int sh = 8 * j;
+        k->letter |= gather_top_bits(ascii_letters(w)) << sh;
+        k->number |= gather_top_bits(ascii_digits(w)) << sh;
+        k->space |= gather_top_bits(ws | blank) << sh;
+        k->blank |= gather_top_bits(blank) << sh;
+        k->apos |= gather_top_bits(equal_bytes(w, '\'')) << sh;
+    }
+}
+#endif
+
+// The starts of pieces in a block that are still to be returned: bit i is base + i. Kept by the
+// caller, apart from the splitter, so that the two stay in registers in the caller's loop.
+struct PieceStarts {
+    uint64_t bits = 0;
+    size_t base = 0;
+};
+
+// Splits a text into pieces, in order: next(c, pos) is the end of the piece that starts at pos, where
+// pos is 0 or the end that next returned last (with the same `c`). Exactly piece_end's pieces.
+class BlockSplitter {
+  public:
+    BlockSplitter(const uint8_t* s, size_t n) : s_(s), n_(n) {}
+
+#if defined(__GNUC__)
+    __attribute__((always_inline))
+#endif
+    size_t next(PieceStarts& c, size_t pos) {
+        if (c.bits) {
+            const size_t e = c.base + size_t(__builtin_ctzll(c.bits));
+            c.bits &= c.bits - 1;
+            return e;
+        }
+        if (pos < ascii_from_) return piece_end(s_, n_, pos);  // among longer characters
+        const size_t e = refill(pos);
+        c.bits = bits_;
+        c.base = base_;
+        return e;
+    }
+
+  private:
+    // The end of the piece at pos when the block holds no more starts and pos >= ascii_from_.
+    GPTFAST_NOINLINE size_t refill(size_t pos) {
+        for (;;) {
+            if (chained_) {
+                // pos is the last start of the block at base_: its piece runs into the next block
+                const size_t b = base_ + 64;
+                if (b >= n_) {
+                    bits_ = 0;
+                    return n_;
+                }
+                if (!load(b, false)) {
+                    chained_ = false;
+                    bits_ = 0;
+                    return piece_end_at(pos);
+                }
+            } else if (!load(pos, true)) {
+                bits_ = 0;
+                return piece_end_at(pos);
+            }
+            if (bits_) {
+                const size_t e = base_ + size_t(__builtin_ctzll(bits_));
+                bits_ &= bits_ - 1;
+                return e;
+            }
+        }
+    }
+
+    size_t piece_end_at(size_t pos) const {  // out of line, as this is once a failed block
+        return gpt2_piece_end(std::string_view(reinterpret_cast<const char*>(s_), n_), pos);
+    }
+
+    // Reads the starts of the block at b into bits_: `fresh` where a piece starts at b and the
+    // previous block was not read (the carried state is not used), else it follows the block at
+    // base_. False, reading nothing, where the block has a byte of 0x80 or more.
+    bool load(size_t b, bool fresh) {
+        const uint8_t* p = s_ + b;
+        uint8_t tail[64 + 16];
+        const size_t left = n_ - b;
+        if (left < 66) {  // the block, and two bytes past it for the contractions, padded with spaces
+            std::memset(tail, ' ', sizeof tail);
+            std::memcpy(tail, p, left);
+            p = tail;
+        }
+        if (const uint64_t high = high_bytes(p)) {
+            // Past the last such byte; in text where block after block fails, further each time
+            // (up to 512 bytes), so that text of longer characters does not pay for a look every
+            // 64 bytes.
+            ascii_from_ = std::max(b + 64 - size_t(__builtin_clzll(high)), b + (size_t(32) << misses_));
+            misses_ += misses_ < 4;
+            return false;
+        }
+        misses_ = 0;
+        BlockClasses k;
+        block_classes(p, &k);
+        const uint64_t before = fresh ? 0 : carry_;
+        const uint64_t letter_b = k.letter << 1 | (before & kMaskLetter) >> 1;
+        const uint64_t number_b = k.number << 1 | (before & kMaskNumber) >> 2;
+        const uint64_t space_b = k.space << 1 | (before & kMaskSpace);
+        const uint64_t blank_b = k.blank << 1 | (before & kMaskBlank) >> 3;
+        // whitespace after the block: the end of the text counts as whitespace (a run there is whole)
+        uint64_t space_after = 1;
+        if (left > 64) {
+            const uint8_t c = s_[b + 64];
+            size_t len;
+            space_after = (c < 0x80 ? kBytes.cls[c] : uint8_t(class_at(s_, n_, b + 64, &len))) == kSpace;
+        }
+        const uint64_t change = (k.letter ^ letter_b) | (k.number ^ number_b) | (k.space ^ space_b);
+        uint64_t starts = change & ~(blank_b & ~k.space);
+        starts |= k.space & ~(k.space >> 1 | space_after << 63);
+        uint64_t set_next = 0, clear_next = 0;
+        if (fresh) {
+            starts |= 1;
+        } else {
+            starts = (starts & ~clear_) | set_;
+        }
+        for (uint64_t c = k.apos & starts; c; c &= c - 1) {
+            const unsigned i = unsigned(__builtin_ctzll(c));
+            const uint8_t d = p[i + 1], e = p[i + 2];
+            unsigned len = 0;
+            if (d == 's' || d == 'd' || d == 'm' || d == 't')
+                len = 2;
+            else if ((d == 'l' && e == 'l') || (d == 'v' && e == 'e') || (d == 'r' && e == 'e'))
+                len = 3;
+            if (len == 0) continue;
+            for (unsigned j = i + 1; j < i + len; ++j) {
+                if (j < 64)
+                    starts &= ~(uint64_t(1) << j);
+                else
+                    clear_next |= uint64_t(1) << (j - 64);
+            }
+            const unsigned j = i + len;
+            if (j < 64)
+                starts |= uint64_t(1) << j;
+            else
+                set_next |= uint64_t(1) << (j - 64);
+        }
+        if (fresh) starts &= ~uint64_t(1);  // b itself: the piece being ended
+        if (left < 64) starts &= (uint64_t(1) << left) - 1;
+        set_ = set_next;
+        clear_ = clear_next;
+        carry_ = (k.space >> 63) * kMaskSpace | (k.letter >> 63) * kMaskLetter | (k.number >> 63) * kMaskNumber |
+                 (k.blank >> 63) * kMaskBlank;
+        base_ = b;
+        bits_ = starts;
+        chained_ = true;
+        return true;
+    }
+
+    const uint8_t* s_;
+    size_t n_;
+    size_t base_ = 0;        // the block whose starts bits_ holds
+    uint64_t bits_ = 0;      // what refill hands to the caller's PieceStarts (bit i: base_ + i)
+    bool chained_ = false;   // the next block follows the one at base_ (its state below is valid)
+    uint64_t carry_ = 0;     // classes of the last byte of the block at base_ (kMask*)
+    uint64_t set_ = 0, clear_ = 0;  // starts a contraction adds to / removes from the next block
+    size_t ascii_from_ = 0;  // no block is read that starts before this (a byte of 0x80 or more)
+    unsigned misses_ = 0;    // blocks in a row that were not ASCII (at most 4)
+};
 }  // namespace
+#define GPTFAST_BLOCK_SPLITTER 1  // tools/bpe_bench.cpp times BlockSplitter alone where this is set
 
 size_t gpt2_piece_end(std::string_view text, size_t pos) {
     return piece_end(reinterpret_cast<const uint8_t*>(text.data()), text.size(), pos);
@@ -904,11 +1155,13 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
         std::memcpy(o, scratch.data(), scratch.size() * sizeof(Rank));
         o += scratch.size();
     };
+    BlockSplitter split(s, n);
+    PieceStarts starts;
     size_t pos = 0;
     while (pos < n) {
         size_t g = 0;
         while (g < kGroup && pos < n) {
-            const size_t e = piece_end(s, n, pos);
+            const size_t e = split.next(starts, pos);
             Piece& pc = group[g++];
             pc.begin = uint32_t(pos);
             pc.len = uint32_t(e - pos);
