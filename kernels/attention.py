@@ -516,55 +516,83 @@ def configs(arch, dtype):
     Keys: ``kernel`` ("fwd", "decode", "combine", "bwd_delta", "bwd_dkdv", "bwd_dq"), ``BLOCK_D`` (padded head
     dim), ``BLOCK_M`` (queries per tile), ``BLOCK_N`` (keys per tile), ``num_warps``, ``num_stages``;
     decode configs also carry ``bucket``: "short" cache, or "long" (split over the keys, then merged by
-    the "combine" kernel).
+    the "combine" kernel). The kernels that draw the dropout mask ("fwd", "decode", "bwd_dkdv",
+    "bwd_dq") have a config for each value of ``dropout`` (the mask's random bytes need registers, so a
+    tile that fits without them may spill with them; the mask does not depend on the tile).
     """
     out = []
     if arch is None:  # the interpreter: one fixed config per kernel, small tiles, uneven M/N
         for d in HEAD_DIMS:
-            out += [_cfg("fwd", d, 64, 32, 4, 1), _cfg("decode", d, 16, 32, 4, 1, bucket="short"),
-                    _cfg("decode", d, 16, 32, 4, 1, bucket="long"), _cfg("bwd_delta", d, 64, d, 4, 1),
-                    _cfg("bwd_dkdv", d, 32, 64, 4, 1), _cfg("bwd_dq", d, 64, 32, 4, 1),
-                    _cfg("combine", d, 16, d, 4, 1)]
+            for dropout in (False, True):
+                out += [_cfg("fwd", d, 64, 32, 4, 1, dropout=dropout),
+                        _cfg("decode", d, 16, 32, 4, 1, bucket="short", dropout=dropout),
+                        _cfg("decode", d, 16, 32, 4, 1, bucket="long", dropout=dropout),
+                        _cfg("bwd_dkdv", d, 32, 64, 4, 1, dropout=dropout), _cfg("bwd_dq", d, 64, 32, 4, 1, dropout=dropout)]
+            out += [_cfg("bwd_delta", d, 64, d, 4, 1), _cfg("combine", d, 16, d, 4, 1)]
         return out
     if arch not in SUPPORTED_ARCHS:
         return []  # sm_75: its 64 KB of shared memory and no bf16 tensor cores -- the reference runs there
-    wide = dtype != torch.float32  # fp32 runs ieee dots on CUDA cores: smaller tiles, no tensor-core shapes
-    big_smem = arch in (80, 90)  # 163 KB / 227 KB a block; sm_86/89/120 have 99 KB
-    stages = 3 if big_smem else 2
     for d in HEAD_DIMS:
-        if wide:
-            if d <= 64:
-                # sm_90 (and sm_120, where 4 warps spill): 128 queries on 8 warps, two blocks an SM on
-                # sm_90; on sm_80/86/89 the same 16 queries a warp in 64-query blocks of 4 warps, which
-                # hold ~156-168 registers a thread -- three blocks an SM where the 8-warp block fitted one
-                fwd = _cfg("fwd", d, 64, 64, 4, stages) if arch in (80, 86, 89) else _cfg("fwd", d, 128, 64, 8, stages)
-                dkdv = _cfg("bwd_dkdv", d, 32, 128, 8, stages)
-                dq = _cfg("bwd_dq", d, 128, 32, 8, stages)
-            else:
-                fwd = _cfg("fwd", d, 128, 64 if arch == 90 else 32, 8, stages)
-                dkdv = _cfg("bwd_dkdv", d, 32, 64, 8, stages)
-                dq = _cfg("bwd_dq", d, 64, 32, 8, stages)
-            short = _cfg("decode", d, 16, 64, 4, stages, bucket="short")
-            long = _cfg("decode", d, 16, 128 if d <= 64 else 64, 4, stages, bucket="long")
-        else:  # fp32 tiles hold twice the bytes and ieee dots keep more in registers
-            warps = 4 if d <= 64 else 8
-            fwd = _cfg("fwd", d, 32, 32, warps, 2)
-            dkdv = _cfg("bwd_dkdv", d, 32, 32, warps, 2)
-            dq = _cfg("bwd_dq", d, 32, 32, warps, 2)
-            short = _cfg("decode", d, 16, 32, warps, 2, bucket="short")
-            long = _cfg("decode", d, 16, 32 if d > 64 else 64, warps, 2, bucket="long")
-        out += [fwd, short, long, _cfg("combine", d, 16, d, 4, 1),
-                _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1), dkdv, dq]
+        for dropout in (False, True):
+            out += [dict(c, dropout=dropout) for c in _tiles(arch, dtype != torch.float32, d, dropout)]
+        out += [_cfg("combine", d, 16, d, 4, 1), _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1)]
     return out
 
 
-def _pick(arch, dtype, kernel, head_dim, t_q=None, t_k=None):
+def _tiles(arch, wide, d, dropout):
+    """The fwd, short and long decode, dkdv and dq configs for head dim ``d`` on ``arch``: ``wide`` for
+    16-bit inputs. ptxas's choices do not follow a tile's size (a smaller tile can spill where a larger
+    one does not), so each exception below is a config that spilled there, with the one that replaced
+    it; ``python -m bench.resources`` compiles them all, and the tests hold GPT-2's."""
+    big_smem = arch in (80, 90)  # 163 KB / 227 KB a block; sm_86/89/120 have 99 KB
+    stages = 3 if big_smem else 2
+    if wide:
+        if d <= 64:
+            # sm_90 (and sm_120, where 4 warps spill): 128 queries on 8 warps, two blocks an SM on
+            # sm_90; on sm_80/86/89 the same 16 queries a warp in 64-query blocks of 4 warps, which
+            # hold ~156-168 registers a thread -- three blocks an SM where the 8-warp block fitted one
+            if arch in (80, 86, 89):
+                fwd = _cfg("fwd", d, 64, 32 if d == 32 and arch != 80 else 64, 4, stages)  # 64 x 64 spills
+            else:
+                fwd = _cfg("fwd", d, 128, 32 if d == 16 and arch == 120 else 64, 8, stages)  # 128 x 64 spills
+            dkdv = _cfg("bwd_dkdv", d, 32, 128, 8, stages)
+            dq = _cfg("bwd_dq", d, 128, 16 if dropout and arch == 120 else 32, 8, stages)  # 128 x 32 spills
+        else:
+            if dropout and arch in (86, 89, 120):  # 128 x 32 on 8 warps spills there with the mask
+                fwd = _cfg("fwd", d, 64, 32, 4, stages)
+            else:
+                fwd = _cfg("fwd", d, 128, 64 if arch == 90 else 32, 8, stages)
+            dkdv = _cfg("bwd_dkdv", d, 32, 64, 8, stages)
+            dq = _cfg("bwd_dq", d, 64, 32, 8, stages)
+        short = _cfg("decode", d, 16, 64, 4, stages, bucket="short")
+        long_n = 128 if d <= 64 and not (dropout and arch == 90) else 64  # 128 keys spill there at D=32
+        long = _cfg("decode", d, 16, long_n, 4, stages, bucket="long")
+    else:  # fp32 tiles hold twice the bytes and ieee dots keep more in registers
+        warps = 4 if d <= 64 else 8
+        if d <= 64:
+            fwd = _cfg("fwd", d, 32, 32, 4, 2)
+            dkdv = _cfg("bwd_dkdv", d, 32, 32, 8 if dropout and arch == 120 else 4, 2)  # 4 warps spill
+            # 4 warps spill without the mask at D=64 on sm_80/86/89
+            dq = _cfg("bwd_dq", d, 32, 32, 8 if d == 64 and not dropout and arch in (80, 86, 89) else 4, 2)
+        else:  # 32 x 32 tiles spill on sm_90 and sm_120 (dQ: and on sm_80/86/89)
+            fwd = _cfg("fwd", d, 32, 16, 4 if dropout and arch == 90 else 8, 2)
+            dkdv = _cfg("bwd_dkdv", d, 16 if arch in (90, 120) else 32, 32, 8, 2)
+            dq = _cfg("bwd_dq", d, 32, 16, 8, 2)
+        short = _cfg("decode", d, 16, 32, warps, 2, bucket="short")
+        long_n = 32 if d > 64 or d == 16 or (dropout and arch == 90) else 64
+        long = _cfg("decode", d, 16, long_n, 4 if dropout and d > 64 and arch in (86, 89) else warps, 2,
+                    bucket="long")
+    return [fwd, short, long, dkdv, dq]
+
+
+def _pick(arch, dtype, kernel, head_dim, t_q=None, t_k=None, dropout=False):
     d = _block_d(head_dim)
     bucket = None
     if kernel == "fwd" and t_q is not None and t_q <= _DECODE_MAX_QUERIES and t_k is not None:
         kernel, bucket = "decode", ("long" if t_k >= _DECODE_LONG else "short")
     for c in configs(arch, dtype):
-        if c["kernel"] == kernel and c["BLOCK_D"] == d and c.get("bucket") == bucket:
+        if (c["kernel"] == kernel and c["BLOCK_D"] == d and c.get("bucket") == bucket
+                and c.get("dropout", dropout) == dropout):
             return c
     raise KeyError(f"attention: no {kernel} config for head dim {head_dim} on arch {arch}")
 
@@ -573,9 +601,9 @@ _SIG_NAMES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*
 
 
 def resource_specs(arch, dtype):
-    """What ``python -m bench.resources`` compiles: every config of :func:`configs`, in its costliest
-    variant (dropout on; a cache, and the key split for long ones, in the decode configs), head-dim
-    stride 1 as at runtime."""
+    """What ``python -m bench.resources`` compiles: every config of :func:`configs` as it launches, with
+    or without dropout as the config says, in its costliest variant otherwise (a cache, and the key
+    split for long ones, in the decode configs), head-dim stride 1 as at runtime."""
     ptr = _SIG_NAMES[dtype]
     precision = "ieee" if dtype == torch.float32 else "tf32"
     specs = []
@@ -590,7 +618,7 @@ def resource_specs(arch, dtype):
             scalars = {"H": "i32", "T_Q": "i32", "T_K": "i32", "split_len": "i32", "qk_scale": "fp32",
                        "dropout_p": "fp32"}
             const = dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_CACHE=kernel == "decode",
-                         DROPOUT=True, SPLIT_KV=c.get("bucket") == "long", DOT_PRECISION=precision)
+                         DROPOUT=c["dropout"], SPLIT_KV=c.get("bucket") == "long", DOT_PRECISION=precision)
         elif kernel == "combine":
             fn = _attn_fwd_combine_kernel
             tensors = {"PART_ACC": "*fp32", "PART_M": "*fp32", "PART_L": "*fp32", "O": ptr, "LSE": "*fp32"}
@@ -611,7 +639,7 @@ def resource_specs(arch, dtype):
             groups = ["q", "k", "v", "do"] + (["dk", "dv"] if kernel == "bwd_dkdv" else ["dq"])
             scalars = {"H": "i32", "T_Q": "i32", "T_K": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
                        "dropout_p": "fp32"}
-            const = dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_CACHE=False, DROPOUT=True,
+            const = dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_CACHE=False, DROPOUT=c["dropout"],
                          DOT_PRECISION=precision)
         signature = dict(tensors)
         for g in groups:
@@ -627,7 +655,7 @@ def resource_specs(arch, dtype):
         label = f"{kernel} D={c['BLOCK_D']} BLOCK_M={c['BLOCK_M']} BLOCK_N={c['BLOCK_N']}"
         if "bucket" in c:
             label += f" ({c['bucket']} cache)"
-        if kernel not in ("bwd_delta", "combine"):
+        if c.get("dropout"):
             label += " dropout"
         specs.append({"kernel": fn, "signature": signature, "constexprs": const, "num_warps": c["num_warps"],
                       "num_stages": c["num_stages"], "label": label})
@@ -650,7 +678,7 @@ def _launch_fwd(q, k, v, cache_seqlens, seed, dropout_p, softmax_scale, arch, wr
     lse = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    c = _pick(arch, q.dtype, "fwd", d, t_q if cache_seqlens is not None else None, t_k)
+    c = _pick(arch, q.dtype, "fwd", d, t_q if cache_seqlens is not None else None, t_k, dropout_p > 0.0)
     m_tiles = triton.cdiv(t_q, c["BLOCK_M"])
     splits, split_len = 1, t_k
     if c.get("bucket") == "long":  # flash-decoding: spread a long cache over programs, merge after
@@ -712,7 +740,7 @@ def _launch_bwd(do, q, k, v, o, lse, cache_seqlens, seed, dropout_p, softmax_sca
     seqlens = cache_seqlens if cache_seqlens is not None else lse
     seed_ptr = seed if seed is not None else lse
     flags = dict(HAS_CACHE=cache_seqlens is not None, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_precision(q.dtype))
-    c = _pick(arch, q.dtype, "bwd_dkdv", d)
+    c = _pick(arch, q.dtype, "bwd_dkdv", d, dropout=dropout_p > 0.0)
     wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(t_k, c["BLOCK_N"]), b * h)](
         q, k, v, do, lse, delta, dk, dv, seqlens, seed_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -720,7 +748,7 @@ def _launch_bwd(do, q, k, v, o, lse, cache_seqlens, seed, dropout_p, softmax_sca
         HEAD_DIM=d, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **flags,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    c = _pick(arch, q.dtype, "bwd_dq", d)
+    c = _pick(arch, q.dtype, "bwd_dq", d, dropout=dropout_p > 0.0)
     wrap(_attn_bwd_dq_kernel)[(triton.cdiv(t_q, c["BLOCK_M"]), b * h)](
         q, k, v, do, lse, delta, dq, seqlens, seed_ptr,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
