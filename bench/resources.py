@@ -1,6 +1,6 @@
 """Resource fit of every Triton kernel on every GPU arch we support, proven on a CPU.
 
-For each kernel op (``layer_norm``, ``feed_forward``, ``attention``), each arch (sm_75 ... sm_120) and
+For each kernel op (``layer_norm``, ``feed_forward``, ``attention``, ``linear_cross_entropy``), each arch (sm_75 ... sm_120) and
 each dtype (fp32, fp16; bf16 has fp16's sizes), this compiles every config that the dispatcher may
 choose -- ``kernels/<op>.py: resource_specs(arch, dtype)`` -- with ``triton.compile`` for that
 ``GPUTarget``, then reports registers and spills (from the ``ptxas -v`` shipped with triton) and
@@ -42,7 +42,7 @@ ARCH_LIMITS = {
 }
 REGISTERS_PER_BLOCK = 65536
 DTYPES = ("fp32", "fp16")
-OPS = ("layer_norm", "feed_forward", "attention")
+OPS = ("layer_norm", "feed_forward", "attention", "linear_cross_entropy")
 
 
 @dataclass

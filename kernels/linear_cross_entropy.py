@@ -47,17 +47,24 @@ def _logits_tile(
     m_ok, v_ok,  # their masks
     E, stride_xn, stride_xe, stride_wv, stride_we,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """z = x[offs_m] W[offs_v]^T + b[offs_v]: a (BLOCK_M, BLOCK_V) fp32 tile of the logits."""
+    """z = x[offs_m] W[offs_v]^T + b[offs_v]: a (BLOCK_M, BLOCK_V) fp32 tile of the logits.
+
+    When ``EVEN_K`` (``BLOCK_K`` divides E) no step tests the columns: the row and vocab masks are the
+    same on every step, so the loop is a plain GEMM's."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, E, BLOCK_K):
-        k_ok = (k0 + offs_k) < E
-        x = tl.load(X + offs_m[:, None] * stride_xn + (k0 + offs_k)[None, :] * stride_xe,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        w = tl.load(W + offs_v[None, :] * stride_wv + (k0 + offs_k)[:, None] * stride_we,
-                    mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_V) = W^T's tile
+        x_ptrs = X + offs_m[:, None] * stride_xn + (k0 + offs_k)[None, :] * stride_xe
+        w_ptrs = W + offs_v[None, :] * stride_wv + (k0 + offs_k)[:, None] * stride_we
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptrs, mask=v_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_V) = W^T's tile
+        else:
+            k_ok = (k0 + offs_k) < E
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
@@ -82,7 +89,7 @@ def _lce_fwd_kernel(
     N, V, E, stride_xn, stride_xe, stride_wv, stride_we,
     ignore_index, label_smoothing, z_loss,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
     m_ok = offs_m < N
@@ -95,7 +102,7 @@ def _lce_fwd_kernel(
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # (BLOCK_V,)
         v_ok = offs_v < V
         z = _logits_tile(X, W, BIAS, offs_m, offs_v, m_ok, v_ok, E, stride_xn, stride_xe, stride_wv, stride_we,
-                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, EVEN_K)
         z = tl.where(v_ok[None, :], z, float("-inf"))  # columns past the vocab add exp(-inf) = 0
         # online log-sum-exp: rescale the old sum to the new max, add this tile
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -119,7 +126,7 @@ def _lce_dx_kernel(
     N, V, E, stride_xn, stride_xe, stride_wv, stride_we,
     label_smoothing, z_loss,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < N
@@ -131,7 +138,7 @@ def _lce_dx_kernel(
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_ok = offs_v < V
         z = _logits_tile(X, W, BIAS, offs_m, offs_v, m_ok, v_ok, E, stride_xn, stride_xe, stride_wv, stride_we,
-                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, EVEN_K)
         dz = _dlogits_tile(z, lse, target, offs_v, v_ok, V, label_smoothing, z_loss)  # (BLOCK_M, BLOCK_V)
         for k0 in range(0, E, BLOCK_K):  # dx[:, k] += g * (dz @ W[:, k])
             k_ok = (k0 + offs_k) < E
@@ -152,7 +159,7 @@ def _lce_dw_kernel(
     N, V, E, stride_xn, stride_xe, stride_wv, stride_we,
     label_smoothing, z_loss,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     offs_v = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     v_ok = offs_v < V
@@ -165,7 +172,7 @@ def _lce_dw_kernel(
         lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
         scale = tl.load(SCALE + offs_m, mask=m_ok, other=0.0)
         z = _logits_tile(X, W, BIAS, offs_m, offs_v, m_ok, v_ok, E, stride_xn, stride_xe, stride_wv, stride_we,
-                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, EVEN_K)
         dz = _dlogits_tile(z, lse, target, offs_v, v_ok, V, label_smoothing, z_loss)  # (BLOCK_M, BLOCK_V)
         db += tl.sum(dz * scale[:, None], 0)
         dz_t = tl.trans(dz)  # (BLOCK_V, BLOCK_M)
@@ -195,13 +202,16 @@ _CONFIGS_16 = {
     86: {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 }
 # fp32 (exact, input_precision="ieee"): 8 warps over small tiles, so the dW kernel's dz and its
-# transpose fit in registers without spilling (bench.resources)
+# transpose fit in registers without spilling (bench.resources: 32 x 64 x 32 spilled on sm_80/86/89/120,
+# and 32 x 32 x 32 spills dW on sm_120)
 _CONFIGS_32 = {
-    80: {"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
-    90: {"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
-    86: {"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    80: {"BLOCK_M": 32, "BLOCK_V": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    90: {"BLOCK_M": 32, "BLOCK_V": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    86: {"BLOCK_M": 32, "BLOCK_V": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    120: {"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
 }
-_ARCH_FAMILY = {80: 80, 86: 86, 89: 86, 90: 90, 120: 86}
+_ARCH_FAMILY = {80: 80, 86: 86, 89: 86, 90: 90, 120: 120}
+_CONFIGS_16[120] = _CONFIGS_16[86]
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -227,7 +237,7 @@ def resource_specs(arch, dtype):
     """Every (kernel, config) the dispatcher can launch on ``arch`` in ``dtype``, for ``bench.resources``."""
     t = _DTYPES[dtype]
     specs = []
-    for cfg in configs(arch, dtype):
+    for cfg, even_k in ((c, e) for c in configs(arch, dtype) for e in (True, False)):
         for label, kernel in _KERNELS:
             ptrs = {"X": f"*{t}", "W": f"*{t}", "BIAS": f"*{t}", "TARGETS": "*i64"}
             if kernel is _lce_fwd_kernel:
@@ -235,19 +245,24 @@ def resource_specs(arch, dtype):
             else:
                 ptrs.update(LSE="*fp32", SCALE="*fp32")
                 ptrs.update({"DX": "*fp32"} if kernel is _lce_dx_kernel else {"DW": "*fp32", "DB": "*fp32"})
-            scalars = {n: "i32" for n in ("N", "V", "E", "stride_xn", "stride_xe", "stride_wv", "stride_we")}
+            # x and W are row-major as they launch (the model's hidden states and its output head), so
+            # Triton's binder makes their feature strides the constant 1
+            scalars = {n: "i32" for n in ("N", "V", "E", "stride_xn", "stride_wv")}
+            scalars.update(stride_xe="constexpr", stride_we="constexpr")
             if kernel is _lce_fwd_kernel:
                 scalars["ignore_index"] = "i32"
             scalars.update(label_smoothing="fp32", z_loss="fp32")
             consts = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_V": cfg["BLOCK_V"],
-                      "BLOCK_K": cfg["BLOCK_K"], "DOT_PRECISION": _precision(dtype)}
+                      "BLOCK_K": cfg["BLOCK_K"], "DOT_PRECISION": _precision(dtype), "EVEN_K": even_k}
+            signature = {**ptrs, **scalars, **{k: "constexpr" for k in consts}}
+            consts.update(stride_xe=1, stride_we=1)
             specs.append({
                 "kernel": kernel,
-                "signature": {**ptrs, **scalars, **{k: "constexpr" for k in consts}},
+                "signature": {name: signature[name] for name in kernel.arg_names},  # in the kernel's order
                 "constexprs": consts,
                 "num_warps": cfg["num_warps"],
                 "num_stages": cfg["num_stages"],
-                "label": f"{label} {cfg['BLOCK_M']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']}",
+                "label": f"{label} {cfg['BLOCK_M']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']}" + ("" if even_k else " (E uneven)"),
             })
     return specs
 
@@ -271,8 +286,8 @@ def unsupported_reason(fn_name, x, weight, bias=None):
 def _common(x, weight, arch):
     cfg = configs(arch, x.dtype)[0]
     blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K")}
-    return cfg, dict(**blocks, DOT_PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"],
-                     num_stages=cfg["num_stages"])
+    return cfg, dict(**blocks, DOT_PRECISION=_precision(x.dtype), EVEN_K=x.shape[1] % cfg["BLOCK_K"] == 0,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _forward(x, weight, bias, targets, ignore_index, label_smoothing, z_loss, arch):

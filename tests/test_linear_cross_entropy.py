@@ -96,8 +96,10 @@ def _check(backend, rows, width, vocab, dtype, bias=True, **kw):
 # -------------------------------------------------------------------------------------------------
 
 KERNEL_CASES = [
-    # rows, width, vocab, options: vocabularies of one tile and a part, of several tiles, of one token
+    # rows, width, vocab, options: vocabularies of one tile and a part, of several tiles, of one token;
+    # widths that the interpreter's 32-wide K steps divide (the loop without column masks) and not
     (37, 48, 97, {}),
+    (21, 64, 150, {"z_loss": 1e-3}),
     (70, 40, 300, {"label_smoothing": 0.1, "z_loss": 1e-2}),
     (5, 16, 1, {"reduction": "sum"}),
     (19, 24, 131, {"reduction": "none", "label_smoothing": 0.2}),
@@ -413,8 +415,10 @@ def test_every_config_has_a_resource_spec():
 
     for arch in K.SUPPORTED_ARCHS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            labels = [s["label"] for s in K.resource_specs(arch, dtype)]
-            assert len(labels) == 3  # forward, dx, dW
+            specs = K.resource_specs(arch, dtype)
+            labels = [s["label"] for s in specs]
+            assert len(labels) == 6  # forward, dx, dW; with and without K steps that divide the width
+            assert sorted(s["constexprs"]["EVEN_K"] for s in specs) == [False] * 3 + [True] * 3
             for cfg in K.configs(arch, dtype):
                 assert all(f"{cfg['BLOCK_M']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']}" in label for label in labels)
 
