@@ -268,32 +268,8 @@ def _attn_fwd_combine_kernel(
 #   dK  = scale * dS^T Q
 #
 # P is recomputed from the saved log-sum-exp: P_ij = exp2(s_ij - lse_i) with s in log2 units. delta
-# is one number per query row, computed once by _attn_bwd_delta_kernel.
-
-
-@triton.jit(do_not_specialize=["T_Q"])
-def _attn_bwd_delta_kernel(
-    O,  # (B, H, Tq, D) forward output
-    DO,  # (B, H, Tq, D) gradient of the output (any strides, including expanded ones)
-    DELTA,  # (B * H, Tq) fp32 out: rowsum(dO * O)
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    b = off_bh // H
-    h = off_bh % H
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < T_Q) & (offs_d[None, :] < HEAD_DIM)
-    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
-    tl.store(DELTA + off_bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
+# is one number per query row: the dQ kernel, which runs first and reads the row's dO anyway, computes
+# it from O and stores it for the dK/dV kernel (no launch of its own, and dO is read once less).
 
 
 @triton.jit
@@ -427,8 +403,9 @@ def _dq_tile(
 def _attn_bwd_dq_kernel(
     Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D) forward inputs
     DO,  # (B, H, Tq, D) gradient of the output
+    O,  # (B, H, Tq, D) forward output
     LSE,  # (B * H, Tq) fp32 log-sum-exp (log2 units)
-    DELTA,  # (B * H, Tq) fp32 rowsum(dO * O)
+    DELTA,  # (B * H, Tq) fp32 out: rowsum(dO * O), for the dK/dV kernel
     DQ,  # (B, H, Tq, D) out
     SEQLENS,  # (B,) int cache offsets (read only when HAS_CACHE)
     SEED,  # (1,) int64 Philox seed (read only when DROPOUT)
@@ -436,6 +413,7 @@ def _attn_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T_Q, T_K,
     qk_scale, softmax_scale, dropout_p,
@@ -450,6 +428,7 @@ def _attn_bwd_dq_kernel(
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     LSE += off_bh.to(tl.int64) * T_Q
     DELTA += off_bh.to(tl.int64) * T_Q
@@ -469,8 +448,10 @@ def _attn_bwd_dq_kernel(
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(DELTA + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     K_tile = K + offs_d[None, :] * stride_kd
     V_tile = V + offs_d[None, :] * stride_vd
@@ -513,7 +494,7 @@ def _block_d(head_dim):
 def configs(arch, dtype):
     """Every config a launch on ``arch`` (None: the CPU interpreter) with ``dtype`` inputs may use.
 
-    Keys: ``kernel`` ("fwd", "decode", "combine", "bwd_delta", "bwd_dkdv", "bwd_dq"), ``BLOCK_D`` (padded head
+    Keys: ``kernel`` ("fwd", "decode", "combine", "bwd_dkdv", "bwd_dq"), ``BLOCK_D`` (padded head
     dim), ``BLOCK_M`` (queries per tile), ``BLOCK_N`` (keys per tile), ``num_warps``, ``num_stages``;
     decode configs also carry ``bucket``: "short" cache, or "long" (split over the keys, then merged by
     the "combine" kernel). The kernels that draw the dropout mask ("fwd", "decode", "bwd_dkdv",
@@ -528,14 +509,14 @@ def configs(arch, dtype):
                         _cfg("decode", d, 16, 32, 4, 1, bucket="short", dropout=dropout),
                         _cfg("decode", d, 16, 32, 4, 1, bucket="long", dropout=dropout),
                         _cfg("bwd_dkdv", d, 32, 64, 4, 1, dropout=dropout), _cfg("bwd_dq", d, 64, 32, 4, 1, dropout=dropout)]
-            out += [_cfg("bwd_delta", d, 64, d, 4, 1), _cfg("combine", d, 16, d, 4, 1)]
+            out += [_cfg("combine", d, 16, d, 4, 1)]
         return out
     if arch not in SUPPORTED_ARCHS:
         return []  # sm_75: its 64 KB of shared memory and no bf16 tensor cores -- the reference runs there
     for d in HEAD_DIMS:
         for dropout in (False, True):
             out += [dict(c, dropout=dropout) for c in _tiles(arch, dtype != torch.float32, d, dropout)]
-        out += [_cfg("combine", d, 16, d, 4, 1), _cfg("bwd_delta", d, 64 if d <= 64 else 32, d, 4, 1)]
+        out += [_cfg("combine", d, 16, d, 4, 1)]
     return out
 
 
@@ -625,18 +606,12 @@ def resource_specs(arch, dtype):
             groups = ["o"]
             scalars = {"H": "i32", "T_Q": "i32", "num_splits": "i32"}
             const = dict(common, BLOCK_M=c["BLOCK_M"])
-        elif kernel == "bwd_delta":
-            fn = _attn_bwd_delta_kernel
-            tensors = {"O": ptr, "DO": ptr, "DELTA": "*fp32"}
-            groups = ["o", "do"]
-            scalars = {"H": "i32", "T_Q": "i32"}
-            const = dict(common, BLOCK_M=c["BLOCK_M"])
         else:
             fn = _attn_bwd_dkdv_kernel if kernel == "bwd_dkdv" else _attn_bwd_dq_kernel
-            outs = {"DK": ptr, "DV": ptr} if kernel == "bwd_dkdv" else {"DQ": ptr}
+            outs = {"DK": ptr, "DV": ptr} if kernel == "bwd_dkdv" else {"O": ptr, "DQ": ptr}
             tensors = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", **outs,
                        "SEQLENS": "*i64", "SEED": "*i64"}
-            groups = ["q", "k", "v", "do"] + (["dk", "dv"] if kernel == "bwd_dkdv" else ["dq"])
+            groups = ["q", "k", "v", "do"] + (["dk", "dv"] if kernel == "bwd_dkdv" else ["o", "dq"])
             scalars = {"H": "i32", "T_Q": "i32", "T_K": "i32", "qk_scale": "fp32", "softmax_scale": "fp32",
                        "dropout_p": "fp32"}
             const = dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], HAS_CACHE=False, DROPOUT=c["dropout"],
@@ -731,27 +706,22 @@ def _launch_bwd(do, q, k, v, o, lse, cache_seqlens, seed, dropout_p, softmax_sca
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
-    c = _pick(arch, q.dtype, "bwd_delta", d)
-    wrap(_attn_bwd_delta_kernel)[(triton.cdiv(t_q, c["BLOCK_M"]), b * h)](
-        o, do, delta, *o.stride(), *do.stride(), h, t_q,
-        HEAD_DIM=d, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"], num_warps=c["num_warps"],
-    )
+    delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)  # written by the dQ kernel
     seqlens = cache_seqlens if cache_seqlens is not None else lse
     seed_ptr = seed if seed is not None else lse
     flags = dict(HAS_CACHE=cache_seqlens is not None, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_precision(q.dtype))
-    c = _pick(arch, q.dtype, "bwd_dkdv", d, dropout=dropout_p > 0.0)
-    wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(t_k, c["BLOCK_N"]), b * h)](
-        q, k, v, do, lse, delta, dk, dv, seqlens, seed_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+    c = _pick(arch, q.dtype, "bwd_dq", d, dropout=dropout_p > 0.0)
+    wrap(_attn_bwd_dq_kernel)[(triton.cdiv(t_q, c["BLOCK_M"]), b * h)](
+        q, k, v, do, o, lse, delta, dq, seqlens, seed_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
         h, t_q, t_k, softmax_scale * LOG2E, softmax_scale, dropout_p,
         HEAD_DIM=d, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **flags,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    c = _pick(arch, q.dtype, "bwd_dq", d, dropout=dropout_p > 0.0)
-    wrap(_attn_bwd_dq_kernel)[(triton.cdiv(t_q, c["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, seqlens, seed_ptr,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+    c = _pick(arch, q.dtype, "bwd_dkdv", d, dropout=dropout_p > 0.0)
+    wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(t_k, c["BLOCK_N"]), b * h)](
+        q, k, v, do, lse, delta, dk, dv, seqlens, seed_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         h, t_q, t_k, softmax_scale * LOG2E, softmax_scale, dropout_p,
         HEAD_DIM=d, BLOCK_D=c["BLOCK_D"], BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **flags,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
