@@ -61,10 +61,11 @@ def run(args):
                            f"alpaca to use the Alpaca prompt anyway, or use `gptfast generate` to continue text")
     interactive = sys.stdin.isatty()
     err, out = sys.stderr, sys.stdout
-    print(f"gptfast chat: {args.checkpoint} (template {template}); one instruction per line, "
-          f"/quit or Ctrl-D to end", file=err, flush=True)
     turn = 0
     try:
+        # The greeting is inside the try: a Ctrl-C that lands just after it ends the chat like any other.
+        print(f"gptfast chat: {args.checkpoint} (template {template}); one instruction per line, "
+              f"/quit or Ctrl-D to end", file=err, flush=True)
         while True:
             if interactive:
                 err.write("> ")
