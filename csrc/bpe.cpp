@@ -708,7 +708,7 @@ std::string Encoder::to_tiktoken() const {
 
 // The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
 // lowest rank, the leftmost such pair on ties, until no adjacent pair is a token.
-void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
     uint32_t st[kSmallPiece + 2];  // part i is [st[i], st[i+1])
     Rank rk[kSmallPiece + 2];      // rk[i]: rank of parts i and i+1 joined
     Rank part[kSmallPiece + 2];    // rank of part i
@@ -738,7 +738,14 @@ void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) cons
         rk[bi] = pair_rank(bi);
         if (bi > 0) rk[bi - 1] = pair_rank(bi - 1);
     }
-    out.insert(out.end(), part, part + (cnt - 1));
+    std::memcpy(out, part, (cnt - 1) * sizeof(Rank));
+    return cnt - 1;
+}
+
+void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
+    const size_t at = out.size();
+    out.resize(at + n);
+    out.resize(at + merge_small(p, n, out.data() + at));
 }
 
 namespace {
@@ -963,16 +970,40 @@ inline bool same_key(const PieceCache::Entry& e, const uint8_t* p, size_t n) {
     return e.key_len == n && std::memcmp(e.key, p, n) == 0;
 }
 
-inline void emit(const PieceCache& c, const PieceCache::Entry& e, std::vector<Rank>& out) {
-    const size_t k = e.n_tokens, at = out.size();
-    out.resize(at + k);
-    Rank* o = out.data() + at;
+// Writes an entry's tokens at o; returns how many.
+inline size_t emit(const PieceCache& c, const PieceCache::Entry& e, Rank* o) {
+    const size_t k = e.n_tokens;
     if (c.wide) {
         std::memcpy(o, e.tokens, k * 4);
     } else {
         uint16_t t[PieceCache::kTokens16];
         std::memcpy(t, e.tokens, sizeof t);
         for (size_t i = 0; i < k; ++i) o[i] = t[i];
+    }
+    return k;
+}
+
+inline void emit(const PieceCache& c, const PieceCache::Entry& e, std::vector<Rank>& out) {
+    const size_t at = out.size();
+    out.resize(at + e.n_tokens);
+    emit(c, e, out.data() + at);
+}
+
+// Puts the piece p[0, n) and its `got` ids in front of its set (if they fit an entry).
+inline void store(const PieceCache& c, PieceCache::Entry* set, const uint8_t* p, size_t n, const Rank* ids,
+                  size_t got) {
+    if (got > c.max_tokens) return;
+    set[1] = set[0];
+    PieceCache::Entry& e = set[0];
+    e.key_len = uint8_t(n);
+    e.n_tokens = uint8_t(got);
+    std::memcpy(e.key, p, n);
+    if (c.wide) {
+        std::memcpy(e.tokens, ids, got * 4);
+    } else {
+        uint16_t t[PieceCache::kTokens16] = {};
+        for (size_t i = 0; i < got; ++i) t[i] = uint16_t(ids[i]);
+        std::memcpy(e.tokens, t, sizeof t);
     }
 }
 }  // namespace
@@ -989,9 +1020,8 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) c
 }
 
 // A piece of 3 or more bytes, short enough for the table or the cache, with its hash.
-void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t h, std::vector<Rank>& out,
-                            bool not_a_token) const {
-    if (!not_a_token && n <= table_.max_len()) {
+void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t h, std::vector<Rank>& out) const {
+    if (n <= table_.max_len()) {
         Rank r = table_.find_hashed(p, n, head, h);
         if (r != kNoRank) return out.push_back(r);
     }
@@ -1002,22 +1032,7 @@ void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
     if (same_key(set[1], p, n)) return emit(cache, set[1], out);
     const size_t before = out.size();
     bpe_small(p, n, out);
-    const size_t got = out.size() - before;
-    if (got <= cache.max_tokens) {
-        set[1] = set[0];
-        PieceCache::Entry& e = set[0];
-        e.key_len = uint8_t(n);
-        e.n_tokens = uint8_t(got);
-        std::memcpy(e.key, p, n);
-        const Rank* ids = out.data() + before;
-        if (cache.wide) {
-            std::memcpy(e.tokens, ids, got * 4);
-        } else {
-            uint16_t t[PieceCache::kTokens16] = {};
-            for (size_t i = 0; i < got; ++i) t[i] = uint16_t(ids[i]);
-            std::memcpy(e.tokens, t, sizeof t);
-        }
-    }
+    store(cache, set, p, n, out.data() + before, out.size() - before);
 }
 
 namespace {
@@ -1061,7 +1076,7 @@ inline SmallCache& small_cache_for(uint64_t uid, size_t n_vocab) {
     return c;
 }
 
-// The key of a piece of 3 to 15 bytes at p (`end`: the end of the text, which a load may not pass).
+// The key of a piece of 1 to 15 bytes at p (`end`: the end of the text, which a load may not pass).
 inline void small_key(const uint8_t* p, size_t n, const uint8_t* end, uint64_t* k0, uint64_t* k1) {
     uint64_t a, b;
     if (size_t(end - p) >= 16) {
@@ -1073,12 +1088,9 @@ inline void small_key(const uint8_t* p, size_t n, const uint8_t* end, uint64_t* 
         std::memcpy(&a, buf, 8);
         std::memcpy(&b, buf + 8, 8);
     }
-    if (n < 8) {
-        a &= (uint64_t(1) << (8 * n)) - 1;
-        b = 0;
-    } else {
-        b &= (uint64_t(1) << (8 * (n - 8))) - 1;  // n - 8 <= 7
-    }
+    // without a branch on n (1 <= n <= 15): the bytes past the piece cleared
+    a &= ~uint64_t(0) >> (64 - 8 * std::min<size_t>(n, 8));
+    b &= (uint64_t(1) << (8 * (n > 8 ? n - 8 : 0))) - 1;
     *k0 = a;
     *k1 = b | (uint64_t(n) << 56);
 }
@@ -1090,7 +1102,15 @@ inline uint64_t small_hash(uint64_t k0, uint64_t k1) {
     return h ^ (h >> 32);
 }
 
-// Writes an entry's tokens at o, and returns how many. Writes 8 ids (32 bytes) whatever the count.
+// An entry's value v[0, 16) holds, by its last byte v[15]:
+//   * 0 to 7 (3 where ids are 32-bit): that many ids, 16 bits each (32) from v[0];
+//   * kTail | e: e ids from v[0], then one token per byte of the piece from byte v[14] on (each a
+//     single byte's token): whitespace runs and the like, which are more tokens than an entry holds;
+//   * kFar: the piece is more tokens than either form holds; they are in PieceCache.
+constexpr uint8_t kTail = 0x80, kFar = 0xFF;
+
+// Writes an entry's tokens at o (8 ids, 32 bytes, whatever the count) where v[15] is a count, and
+// returns it; otherwise returns v[15] (kTail or more), having written the entry's first ids.
 inline size_t small_emit(const SmallCache::Entry& en, bool wide, Rank* o) {
     const size_t k = en.v[15];
 #if defined(__SSE2__)
@@ -1112,23 +1132,90 @@ inline size_t small_emit(const SmallCache::Entry& en, bool wide, Rank* o) {
     return k;
 }
 
-inline void small_store(SmallCache::Entry* b, uint64_t k0, uint64_t k1, const Rank* ids, size_t k, bool wide) {
-    b[1] = b[0];
-    SmallCache::Entry& en = b[0];
-    en.k0 = k0;
-    en.k1 = k1;
-    std::memset(en.v, 0, sizeof en.v);
-    if (wide) {
-        std::memcpy(en.v, ids, std::min<size_t>(k, 3) * 4);
+// The single-byte tokens of a kTail entry of the piece p[0, n), after its first ids (which
+// small_emit wrote at o); returns the number of ids of the piece.
+inline size_t small_tail(const SmallCache::Entry& en, const uint8_t* p, size_t n, const Rank* byte_rank, Rank* o) {
+    const size_t e = en.v[15] & 0x7F, t = en.v[14];
+    Rank* q = o + e;
+    for (size_t j = t; j < n; ++j) *q++ = byte_rank[p[j]];
+    return e + (n - t);
+}
+
+// Puts the piece p[0, n) with key (k0, k1) and its k ids in front of bucket b, in the first form
+// that holds them. False (storing nothing) where neither does.
+inline bool small_store(SmallCache::Entry* b, uint64_t k0, uint64_t k1, const uint8_t* p, size_t n, const Rank* ids,
+                        size_t k, bool wide, const Rank* byte_rank) {
+    uint8_t v[16] = {};
+    size_t explicit_ids = k;
+    if (k > (wide ? 3u : 7u)) {
+        // the longest run of single-byte tokens at the end
+        size_t t = 0;
+        while (t < k && t < n && ids[k - 1 - t] == byte_rank[p[n - 1 - t]]) ++t;
+        explicit_ids = k - t;
+        if (explicit_ids > (wide ? 3u : 6u)) return false;
+        v[14] = uint8_t(n - t);
+        v[15] = uint8_t(kTail | explicit_ids);
     } else {
-        for (size_t i = 0; i < k && i < 7; ++i) {
-            en.v[2 * i] = uint8_t(ids[i]);
-            en.v[2 * i + 1] = uint8_t(ids[i] >> 8);
+        v[15] = uint8_t(k);
+    }
+    if (wide) {
+        std::memcpy(v, ids, explicit_ids * 4);
+    } else {
+        for (size_t i = 0; i < explicit_ids; ++i) {
+            v[2 * i] = uint8_t(ids[i]);
+            v[2 * i + 1] = uint8_t(ids[i] >> 8);
         }
     }
-    en.v[15] = uint8_t(k);
+    b[1] = b[0];
+    b[0].k0 = k0;
+    b[0].k1 = k1;
+    std::memcpy(b[0].v, v, sizeof v);
+    return true;
+}
+
+inline void small_store_far(SmallCache::Entry* b, uint64_t k0, uint64_t k1) {
+    b[1] = b[0];
+    b[0].k0 = k0;
+    b[0].k1 = k1;
+    std::memset(b[0].v, 0, sizeof b[0].v);
+    b[0].v[15] = kFar;
 }
 }  // namespace
+
+// A piece of 3 to 15 bytes that the first level does not hold: it is one token, or it is merged
+// (a piece the first level has not seen is almost never in the second, so that is not probed).
+size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, Rank* o) const {
+    SmallCache::Entry* b = static_cast<SmallCache::Entry*>(bucket);
+    const SmallCache& sc = t_small;
+    const uint64_t head = RankTable::key_head(p, n);
+    const uint64_t hash = RankTable::key_hash(p, n, head);
+    const Rank r = n <= table_.max_len() ? table_.find_hashed(p, n, head, hash) : kNoRank;
+    if (r != kNoRank) {
+        *o = r;
+        small_store(b, k0, k1, p, n, o, 1, sc.wide, byte_rank_);
+        return 1;
+    }
+    const size_t k = merge_small(p, n, o);
+    if (!small_store(b, k0, k1, p, n, o, k, sc.wide, byte_rank_)) {
+        small_store_far(b, k0, k1);
+        PieceCache& cache = cache_for(uid_, n_vocab_);
+        store(cache, cache.set_of(hash), p, n, o, k);
+    }
+    return k;
+}
+
+// A piece of 3 to 15 bytes whose first-level entry is kFar.
+size_t Encoder::encode_small_far(const uint8_t* p, size_t n, Rank* o) const {
+    const uint64_t head = RankTable::key_head(p, n);
+    const uint64_t hash = RankTable::key_hash(p, n, head);
+    PieceCache& cache = cache_for(uid_, n_vocab_);
+    PieceCache::Entry* set = cache.set_of(hash);
+    if (same_key(set[0], p, n)) return emit(cache, set[0], o);
+    if (same_key(set[1], p, n)) return emit(cache, set[1], o);
+    const size_t k = merge_small(p, n, o);
+    store(cache, set, p, n, o, k);
+    return k;
+}
 
 size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     const uint8_t* s = reinterpret_cast<const uint8_t*>(text.data());
@@ -1136,20 +1223,30 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     const size_t n = text.size();
     Rank* o = dst;
     constexpr size_t kGroup = 16;
-    struct Piece {
+    // A piece of up to 15 bytes has its key in `own`; `at` points to its first-level bucket or, for
+    // a piece of 1 or 2 bytes, to `own` itself, whose value then holds the piece's tokens (so every
+    // short piece takes the same path: a hit in the first entry that `at` points to). 64 bytes, so
+    // that at[1] lies in the piece even where at is &own. Longer pieces: k0, k1 are head and hash.
+    struct alignas(64) Piece {
+        SmallCache::Entry own;
+        const SmallCache::Entry* at;
         uint32_t begin, len;
-        uint64_t k0, k1;  // small pieces: the key; others: head and hash
+        uint64_t k0, k1;
     };
+    static_assert(sizeof(Piece) == 64, "at[1] of a piece's own entry stays in the piece");
     Piece group[kGroup];
     const size_t cacheable = std::max(table_.max_len(), PieceCache::kKey);
     SmallCache& sc = small_cache_for(uid_, n_vocab_);
     PieceCache& cache = cache_for(uid_, n_vocab_);
     const bool wide = sc.wide;
+    const unsigned second_shift = wide ? 32 : 16;  // where the second id of a value goes
+    const Rank* const byte_rank = byte_rank_;
+    const Rank* const pair2 = pair2_.data();
     thread_local std::vector<Rank> scratch;
-    auto slow = [&](const uint8_t* p, size_t len, uint64_t head, uint64_t hash, bool hashed, bool not_a_token = false) {
+    auto slow = [&](const uint8_t* p, size_t len, uint64_t head, uint64_t hash, bool hashed) {
         scratch.clear();
         if (hashed)
-            encode_hashed(p, len, head, hash, scratch, not_a_token);
+            encode_hashed(p, len, head, hash, scratch);
         else
             encode_piece(p, len, scratch);
         std::memcpy(o, scratch.data(), scratch.size() * sizeof(Rank));
@@ -1163,14 +1260,30 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
         while (g < kGroup && pos < n) {
             const size_t e = split.next(starts, pos);
             Piece& pc = group[g++];
+            const uint8_t* p = s + pos;
+            const size_t len = e - pos;
             pc.begin = uint32_t(pos);
-            pc.len = uint32_t(e - pos);
-            if (pc.len >= 3 && pc.len <= 15) {
-                small_key(s + pos, pc.len, end, &pc.k0, &pc.k1);
-                __builtin_prefetch(sc.bucket(small_hash(pc.k0, pc.k1)));
-            } else if (pc.len > 15 && pc.len <= cacheable) {
-                pc.k0 = RankTable::key_head(s + pos, pc.len);
-                pc.k1 = RankTable::key_hash(s + pos, pc.len, pc.k0);
+            pc.len = uint32_t(len);
+            if (len <= 15) {
+                uint64_t k0, k1;
+                small_key(p, len, end, &k0, &k1);
+                pc.own.k0 = k0;
+                pc.own.k1 = k1;
+                // the tokens of 1 or 2 bytes: one id, or two single bytes where the pair is no token
+                const Rank first = byte_rank[p[0]], last = byte_rank[p[len - 1]];
+                const Rank pair = pair2[size_t(p[0]) << 8 | p[len - 1]];
+                const Rank one = len == 1 ? first : pair;
+                const bool two = one == kNoRank;
+                uint64_t lo = two ? (uint64_t(first) | uint64_t(last) << second_shift) : uint64_t(one);
+                uint64_t hi = uint64_t(two ? 2 : 1) << 56;
+                std::memcpy(pc.own.v, &lo, 8);
+                std::memcpy(pc.own.v + 8, &hi, 8);
+                const SmallCache::Entry* bucket = sc.bucket(small_hash(k0, k1));
+                pc.at = len <= 2 ? &pc.own : bucket;
+                __builtin_prefetch(pc.at);
+            } else if (len <= cacheable) {
+                pc.k0 = RankTable::key_head(p, len);
+                pc.k1 = RankTable::key_hash(p, len, pc.k0);
                 table_.prefetch(pc.k1);
                 PieceCache::Entry* set = cache.set_of(pc.k1);
                 __builtin_prefetch(set);
@@ -1182,33 +1295,22 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
             const Piece& pc = group[k];
             const uint8_t* p = s + pc.begin;
             const size_t len = pc.len;
-            if (len == 1) {
-                *o++ = byte_rank_[p[0]];
-            } else if (len == 2) {
-                const Rank r = pair2_[size_t(p[0]) << 8 | p[1]];
-                if (r != kNoRank) {
-                    *o++ = r;
-                } else {
-                    o[0] = byte_rank_[p[0]];
-                    o[1] = byte_rank_[p[1]];
-                    o += 2;
-                }
-            } else if (len <= 15) {
-                SmallCache::Entry* b = sc.bucket(small_hash(pc.k0, pc.k1));
-                if (b[0].k0 == pc.k0 && b[0].k1 == pc.k1) {
-                    o += small_emit(b[0], wide, o);
-                } else if (b[1].k0 == pc.k0 && b[1].k1 == pc.k1) {
-                    o += small_emit(b[1], wide, o);
-                } else {
-                    Rank* at = o;
-                    const uint64_t head = RankTable::key_head(p, len);
-                    const uint64_t hash = RankTable::key_hash(p, len, head);
-                    const Rank r = len <= table_.max_len() ? table_.find_hashed(p, len, head, hash) : kNoRank;
-                    if (r != kNoRank)
-                        *o++ = r;
+            if (__builtin_expect(len <= 15, 1)) {
+                const SmallCache::Entry* b = pc.at;
+                const uint64_t k0 = pc.own.k0, k1 = pc.own.k1;
+                const bool m0 = (b[0].k0 == k0) & (b[0].k1 == k1);
+                const bool m1 = (b[1].k0 == k0) & (b[1].k1 == k1);
+                const SmallCache::Entry* en = b + (m0 ? 0 : 1);
+                if (__builtin_expect(m0 | m1, 1)) {
+                    const size_t got = small_emit(*en, wide, o);
+                    if (__builtin_expect(got < kTail, 1))
+                        o += got;
+                    else if (got != kFar)
+                        o += small_tail(*en, p, len, byte_rank, o);
                     else
-                        slow(p, len, head, hash, true, true);
-                    if (size_t(o - at) <= sc.max_tokens) small_store(b, pc.k0, pc.k1, at, size_t(o - at), wide);
+                        o += encode_small_far(p, len, o);
+                } else {
+                    o += encode_small_miss(p, len, k0, k1, const_cast<SmallCache::Entry*>(b), o);
                 }
             } else if (len <= cacheable) {
                 slow(p, len, pc.k0, pc.k1, true);
