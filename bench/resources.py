@@ -61,6 +61,10 @@ class Row:
     shared_limit: int
     chosen: bool  # can the dispatcher pick this config on this arch?
     problem: str = ""
+    blocks_per_sm: int = 0  # blocks of this config one SM holds at once (bench.launches.SM_LIMITS)
+    mma: str = "-"  # the MMA instruction in the SASS (HGMMA, HMMA, ...), "-" for none
+    loads: str = "-"  # the widest global loads: tma, async (cp.async), vector or scalar
+    main_loop: int | None = None  # SASS instructions in the innermost loop holding the MMA
 
     @property
     def fits(self) -> bool:
@@ -135,6 +139,23 @@ def static_compile_supported() -> bool:
 
 def compile_spec(spec, arch):
     """Compile one spec for ``sm_<arch>``; returns (registers, spill_stores, spill_loads, shared_bytes)."""
+    compiled = _compiled(spec, arch)
+    return (*ptxas_usage(compiled), int(compiled.metadata.shared))
+
+
+def spec_evidence(spec, arch) -> dict:
+    """Compile one spec for ``sm_<arch>``: its registers, spills and shared memory, and from its SASS the
+    MMA instruction, the kind of global loads and the main loop's instruction count (bench.launches)."""
+    from . import launches
+
+    compiled = _compiled(spec, arch)
+    regs, st, ld = ptxas_usage(compiled)
+    summary = launches.summarize(launches.sass(compiled))
+    return {"registers": regs, "spill_stores": st, "spill_loads": ld, "shared": int(compiled.metadata.shared),
+            "mma": summary.mma, "loads": summary.loads, "main_loop": summary.main_loop}
+
+
+def _compiled(spec, arch):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -145,8 +166,7 @@ def compile_spec(spec, arch):
     src = ASTSource(fn=spec["kernel"], signature=spec["signature"], constexprs=spec.get("constexprs", {}),
                     attrs=spec.get("attrs", aligned_attrs(spec["kernel"], spec["signature"])))
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return (*ptxas_usage(compiled), int(compiled.metadata.shared))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def ptxas_usage(compiled) -> tuple[int, int, int]:
@@ -173,11 +193,11 @@ def _cache_dir():
 
 def _compile_cached(spec, arch, use_cache=True):
     key = _spec_key(spec, arch)
-    path = os.path.join(_cache_dir(), key + ".json")
+    path = os.path.join(_cache_dir(), key + ".v2.json")
     if use_cache and os.path.exists(path):
         with open(path) as f:
-            return tuple(json.load(f))
-    result = compile_spec(spec, arch)
+            return json.load(f)
+    result = spec_evidence(spec, arch)
     os.makedirs(_cache_dir(), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -224,14 +244,18 @@ def collect(ops=OPS, archs=tuple(ARCH_LIMITS), dtypes=DTYPES, jobs=None, use_cac
             limit = ARCH_LIMITS[arch]["shared"]
             warps, stages = spec.get("num_warps", 4), spec.get("num_stages", 3)
             try:
-                regs, st, ld, shared = fut.result()
+                ev = fut.result()
+                regs, st, ld, shared = ev["registers"], ev["spill_stores"], ev["spill_loads"], ev["shared"]
                 problem = []
                 if shared > limit:
                     problem.append(f"shared {shared} B > {limit} B")
                 if regs * 32 * warps > REGISTERS_PER_BLOCK:
                     problem.append(f"{regs} regs x {32 * warps} threads > {REGISTERS_PER_BLOCK}")
+                from .launches import blocks_per_sm
+
                 rows.append(Row(op, name, spec.get("label", ""), arch, dtype, warps, stages, regs, st, ld, shared,
-                                limit, chosen, "; ".join(problem)))
+                                limit, chosen, "; ".join(problem), blocks_per_sm(arch, regs, warps, shared),
+                                ev["mma"], ev["loads"], ev["main_loop"]))
             except Exception as e:  # a config that does not even compile is a problem too
                 rows.append(Row(op, name, spec.get("label", ""), arch, dtype, warps, stages, -1, -1, -1, -1, limit,
                                 chosen, f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
@@ -243,7 +267,7 @@ def collect(ops=OPS, archs=tuple(ARCH_LIMITS), dtypes=DTYPES, jobs=None, use_cac
 
 def format_rows(rows):
     head = ["op", "arch", "dtype", "kernel", "config", "warps", "stages", "regs", "spills st/ld", "shared B",
-            "limit B", "status"]
+            "limit B", "blocks/SM", "MMA", "loads", "main loop", "status"]
     table = []
     for r in rows:
         if r.fits:
@@ -252,7 +276,8 @@ def format_rows(rows):
         else:
             status = ("OVER: " if r.chosen else "not chosen: ") + r.problem
         table.append([r.op, f"sm_{r.arch}", r.dtype, r.kernel, r.label, str(r.num_warps), str(r.num_stages),
-                      str(r.registers), f"{r.spill_stores}/{r.spill_loads}", str(r.shared), str(r.shared_limit), status])
+                      str(r.registers), f"{r.spill_stores}/{r.spill_loads}", str(r.shared), str(r.shared_limit),
+                      str(r.blocks_per_sm), r.mma, r.loads, "-" if r.main_loop is None else str(r.main_loop), status])
     widths = [max([len(h)] + [len(row[i]) for row in table]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]

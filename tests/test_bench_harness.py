@@ -372,6 +372,12 @@ def test_resources_smoke_run():
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=_env_without_interpreter())
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sm_86" in out.stdout and "compiled" in out.stdout
+    # each row also reads the SASS: blocks per SM, the MMA, the loads and the main loop's length
+    head = next(line for line in out.stdout.splitlines() if line.startswith("op "))
+    assert all(col in head for col in ("blocks/SM", "MMA", "loads", "main loop")), head
+    row = next(line for line in out.stdout.splitlines() if "sm_86" in line)
+    at = head.index("blocks/SM")  # the columns are padded to the header's positions
+    assert int(row[at:].split()[0]) >= 1, row
 
 
 def test_batch_fit_searches_the_largest_batch_and_skips_on_a_cpu():
