@@ -92,17 +92,19 @@ def test_two_tokenizers_on_one_thread_do_not_share_entries(enc):
         assert a.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
+@pytest.mark.parametrize("offset", [70_000, 1_100_000], ids=["past-2^16", "past-2^20"])
 @pytest.mark.parametrize("sets", [1, 64])
-def test_ids_past_16_bits_are_cached_whole(sets):
-    # A vocabulary whose ids pass 2**16: the cache keeps 32-bit ids (fewer a entry).
+def test_ids_past_16_bits_are_cached_whole(sets, offset):
+    # A vocabulary whose ids pass 2**16: the cache keeps 32-bit ids (fewer a entry). Past 2**20 long
+    # pieces are merged rather than walked (the walk's tables hold 20-bit ids).
     enc = tiktoken.get_encoding("gpt2")
-    wide = {b: (r if r < 256 else r + 70_000) for b, r in enc._mergeable_ranks.items()}
+    wide = {b: (r if r < 256 else r + offset) for b, r in enc._mergeable_ranks.items()}
     oracle = tiktoken.Encoding("wide", pat_str=enc._pat_str, mergeable_ranks=wide, special_tokens={})
     with cache_sets(sets):
         tok = Tokenizer(wide, {}, impl="fast")
         for text in _texts(3)[:4]:
             want = oracle.encode_ordinary(text)
-            assert max(want) >= 65536
+            assert max(want) >= 256 + offset
             assert tok.encode_ordinary(text) == want
             assert tok.encode_ordinary(text) == want
 
