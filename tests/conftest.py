@@ -113,6 +113,21 @@ def gpt2_files(shared_data):
     return d
 
 
+@pytest.fixture(scope="module")
+def enc():
+    """tiktoken's GPT-2 encoding, the tokenizer tests' oracle."""
+    tiktoken = pytest.importorskip("tiktoken")
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def fast():
+    """gptfast's GPT-2 tokenizer on the C++ core."""
+    from gptfast.tokenizer import Tokenizer
+
+    return Tokenizer.gpt2(impl="fast")
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread: tiny models are fastest that way, and two OpenMP threads stall

@@ -21,16 +21,6 @@ SCALARS = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
 
 
 @pytest.fixture(scope="module")
-def enc():
-    return tiktoken.get_encoding("gpt2")
-
-
-@pytest.fixture(scope="module")
-def fast():
-    return Tokenizer.gpt2(impl="fast")
-
-
-@pytest.fixture(scope="module")
 def ref():
     return Tokenizer.gpt2(impl="reference")
 

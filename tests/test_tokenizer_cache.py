@@ -33,16 +33,6 @@ def cache_sets(sets):
         _bpe._set_piece_cache_sets(old)
 
 
-@pytest.fixture(scope="module")
-def enc():
-    return tiktoken.get_encoding("gpt2")
-
-
-@pytest.fixture(scope="module")
-def fast():
-    return Tokenizer.gpt2(impl="fast")
-
-
 def _words(rng, n, alphabets=("abcdefghijklmnopqrstuvwxyz", "абвгдежзиклмнопрстуфхцчшщыэюя", "αβγδεζηθικλμνξοπρστυφχψω",
                               "日本語中文字漢字仮名", "0123456789", "!?.,;:-_=+*/", "éèêëàâäôöûüçñ")):
     out = []

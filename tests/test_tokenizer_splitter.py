@@ -15,16 +15,6 @@ tiktoken = pytest.importorskip("tiktoken")
 from gptfast.tokenizer import Tokenizer  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def enc():
-    return tiktoken.get_encoding("gpt2")
-
-
-@pytest.fixture(scope="module")
-def fast():
-    return Tokenizer.gpt2(impl="fast")
-
-
 def _boundary_vocab():
     """Every byte and every pair of ASCII bytes, at shuffled ranks: a token never crosses a piece
     boundary, so with every pair a token the ids show nearly every cut the splitter makes."""
