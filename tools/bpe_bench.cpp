@@ -9,7 +9,8 @@
 // Run:
 //     /tmp/bpe_bench CORPUS OFFSETS [MODE] [RANKS]
 // CORPUS is a file of documents laid end to end; OFFSETS lists their byte offsets, one a line (the
-// first 0, the last the file's size). RANKS defaults to /work/shared/data/gpt2/gpt2.tiktoken.
+// first 0, the last the file's size). RANKS defaults to gptfast/assets/r50k_base.tiktoken (run from the
+// repository root).
 // The documents are dealt into 8 slices (document i to slice i % 8). MODE:
 //     core    (default) ns/byte of Encoder::encode_ordinary_into: cold (slice 1 in this fresh
 //             process), steady (slices 2..8, text the process has not seen), repeated (slice 8 again)
@@ -105,7 +106,7 @@ int main(int argc, char** argv) {
         while (in >> v) offs.push_back(v);
     }
     const std::string mode = argc > 3 ? argv[3] : "core";
-    const char* ranks_path = argc > 4 ? argv[4] : "/work/shared/data/gpt2/gpt2.tiktoken";
+    const char* ranks_path = argc > 4 ? argv[4] : "gptfast/assets/r50k_base.tiktoken";
     std::vector<std::string_view> docs;
     for (size_t i = 0; i + 1 < offs.size(); ++i)
         docs.emplace_back(corpus.data() + offs[i], offs[i + 1] - offs[i]);
