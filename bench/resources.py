@@ -215,6 +215,8 @@ def _job(op, arch, dtype, index, use_cache):
 
 def collect(ops=OPS, archs=tuple(ARCH_LIMITS), dtypes=DTYPES, jobs=None, use_cache=True, smoke=False, progress=None):
     """Compile what was asked and return (rows, missing_ops)."""
+    from .launches import blocks_per_sm  # launches reads ptxas_usage from here: imported late both ways
+
     found, missing = kernel_modules(ops)
     work = []
     for op, module in found.items():
@@ -251,8 +253,6 @@ def collect(ops=OPS, archs=tuple(ARCH_LIMITS), dtypes=DTYPES, jobs=None, use_cac
                     problem.append(f"shared {shared} B > {limit} B")
                 if regs * 32 * warps > REGISTERS_PER_BLOCK:
                     problem.append(f"{regs} regs x {32 * warps} threads > {REGISTERS_PER_BLOCK}")
-                from .launches import blocks_per_sm
-
                 rows.append(Row(op, name, spec.get("label", ""), arch, dtype, warps, stages, regs, st, ld, shared,
                                 limit, chosen, "; ".join(problem), blocks_per_sm(arch, regs, warps, shared),
                                 ev["mma"], ev["loads"], ev["main_loop"]))

@@ -1053,7 +1053,7 @@ struct SmallCache {
     size_t mask = 0;  // buckets - 1
     uint64_t owner = 0;
     bool wide = false;
-    size_t max_tokens = 7;
+    size_t max_tokens = 7;  // ids a value holds: 7 of 16 bits, or 3 of 32
     ~SmallCache() { std::free(raw); }
     Entry* bucket(uint64_t h) const { return e + ((h & mask) << 1); }
 };
@@ -1143,16 +1143,18 @@ inline size_t small_tail(const SmallCache::Entry& en, const uint8_t* p, size_t n
 
 // Puts the piece p[0, n) with key (k0, k1) and its k ids in front of bucket b, in the first form
 // that holds them. False (storing nothing) where neither does.
-inline bool small_store(SmallCache::Entry* b, uint64_t k0, uint64_t k1, const uint8_t* p, size_t n, const Rank* ids,
-                        size_t k, bool wide, const Rank* byte_rank) {
+inline bool small_store(const SmallCache& sc, SmallCache::Entry* b, uint64_t k0, uint64_t k1, const uint8_t* p,
+                        size_t n, const Rank* ids, size_t k, const Rank* byte_rank) {
+    const bool wide = sc.wide;
     uint8_t v[16] = {};
     size_t explicit_ids = k;
-    if (k > (wide ? 3u : 7u)) {
-        // the longest run of single-byte tokens at the end
+    if (k > sc.max_tokens) {
+        // the longest run of single-byte tokens at the end (their ids take v[0, 14) at most, so v[14]
+        // is free for where they start)
         size_t t = 0;
         while (t < k && t < n && ids[k - 1 - t] == byte_rank[p[n - 1 - t]]) ++t;
         explicit_ids = k - t;
-        if (explicit_ids > (wide ? 3u : 6u)) return false;
+        if (explicit_ids > sc.max_tokens) return false;
         v[14] = uint8_t(n - t);
         v[15] = uint8_t(kTail | explicit_ids);
     } else {
@@ -1192,11 +1194,11 @@ size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint6
     const Rank r = n <= table_.max_len() ? table_.find_hashed(p, n, head, hash) : kNoRank;
     if (r != kNoRank) {
         *o = r;
-        small_store(b, k0, k1, p, n, o, 1, sc.wide, byte_rank_);
+        small_store(sc, b, k0, k1, p, n, o, 1, byte_rank_);
         return 1;
     }
     const size_t k = merge_small(p, n, o);
-    if (!small_store(b, k0, k1, p, n, o, k, sc.wide, byte_rank_)) {
+    if (!small_store(sc, b, k0, k1, p, n, o, k, byte_rank_)) {
         small_store_far(b, k0, k1);
         PieceCache& cache = cache_for(uid_, n_vocab_);
         store(cache, cache.set_of(hash), p, n, o, k);
