@@ -1050,12 +1050,13 @@ struct SmallCache {
     static_assert(sizeof(Entry) == 32, "two entries a cache line");
     Entry* e = nullptr;  // 2 * buckets, 64-byte aligned
     void* raw = nullptr;
-    size_t mask = 0;  // buckets - 1
+    size_t mask = 0;     // buckets - 1
+    unsigned shift = 0;  // 64 - log2(buckets)
     uint64_t owner = 0;
     bool wide = false;
     size_t max_tokens = 7;  // ids a value holds: 7 of 16 bits, or 3 of 32
     ~SmallCache() { std::free(raw); }
-    Entry* bucket(uint64_t h) const { return e + ((h & mask) << 1); }
+    Entry* bucket(size_t slot) const { return e + (slot << 1); }
 };
 thread_local SmallCache t_small;
 
@@ -1069,6 +1070,7 @@ inline SmallCache& small_cache_for(uint64_t uid, size_t n_vocab) {
         const size_t bytes = buckets * 2 * sizeof(SmallCache::Entry);
         c.e = static_cast<SmallCache::Entry*>(zeroed_table(bytes, &c.raw));
         c.mask = buckets - 1;
+        c.shift = unsigned(64 - __builtin_ctzll(buckets));
         c.owner = uid;
         c.wide = n_vocab > 65536;
         c.max_tokens = c.wide ? 3 : 7;
@@ -1076,10 +1078,22 @@ inline SmallCache& small_cache_for(uint64_t uid, size_t n_vocab) {
     return c;
 }
 
+// The masks that clear a key's bytes past a piece of n bytes (n < 16), and its length byte.
+struct KeyMasks {
+    uint64_t lo[16], hi[16];
+    constexpr KeyMasks() : lo(), hi() {
+        for (size_t n = 0; n < 16; ++n) {
+            lo[n] = n >= 8 ? ~uint64_t(0) : (uint64_t(1) << (8 * n)) - 1;
+            hi[n] = n <= 8 ? 0 : (uint64_t(1) << (8 * (n - 8))) - 1;
+        }
+    }
+};
+constexpr KeyMasks kKeyMasks;
+
 // The key of a piece of 1 to 15 bytes at p (`end`: the end of the text, which a load may not pass).
 inline void small_key(const uint8_t* p, size_t n, const uint8_t* end, uint64_t* k0, uint64_t* k1) {
     uint64_t a, b;
-    if (size_t(end - p) >= 16) {
+    if (__builtin_expect(size_t(end - p) >= 16, 1)) {
         std::memcpy(&a, p, 8);
         std::memcpy(&b, p + 8, 8);
     } else {
@@ -1088,18 +1102,13 @@ inline void small_key(const uint8_t* p, size_t n, const uint8_t* end, uint64_t* 
         std::memcpy(&a, buf, 8);
         std::memcpy(&b, buf + 8, 8);
     }
-    // without a branch on n (1 <= n <= 15): the bytes past the piece cleared
-    a &= ~uint64_t(0) >> (64 - 8 * std::min<size_t>(n, 8));
-    b &= (uint64_t(1) << (8 * (n > 8 ? n - 8 : 0))) - 1;
-    *k0 = a;
-    *k1 = b | (uint64_t(n) << 56);
+    *k0 = a & kKeyMasks.lo[n];
+    *k1 = (b & kKeyMasks.hi[n]) | (uint64_t(n) << 56);
 }
 
-inline uint64_t small_hash(uint64_t k0, uint64_t k1) {
-    uint64_t h = (k0 * 0x9E3779B97F4A7C15ull) ^ (k1 * 0xC2B2AE3D27D4EB4Full);
-    h ^= h >> 31;
-    h *= 0xD6E8FEB86659FD93ull;
-    return h ^ (h >> 32);
+// The bucket of a key: the top bits of a multiplicative hash (`shift`: 64 - log2 of the buckets).
+inline size_t small_slot(uint64_t k0, uint64_t k1, unsigned shift) {
+    return size_t(((k0 ^ (k1 * 0xC2B2AE3D27D4EB4Full)) * 0x9E3779B97F4A7C15ull) >> shift);
 }
 
 // An entry's value v[0, 16) holds, by its last byte v[15]:
@@ -1184,7 +1193,7 @@ inline void small_store_far(SmallCache::Entry* b, uint64_t k0, uint64_t k1) {
 }
 }  // namespace
 
-// A piece of 3 to 15 bytes that the first level does not hold: it is one token, or it is merged
+// A piece of up to 15 bytes that the first level does not hold: it is one token, or it is merged
 // (a piece the first level has not seen is almost never in the second, so that is not probed).
 size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, Rank* o) const {
     SmallCache::Entry* b = static_cast<SmallCache::Entry*>(bucket);
@@ -1206,7 +1215,7 @@ size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint6
     return k;
 }
 
-// A piece of 3 to 15 bytes whose first-level entry is kFar.
+// A piece of up to 15 bytes whose first-level entry is kFar.
 size_t Encoder::encode_small_far(const uint8_t* p, size_t n, Rank* o) const {
     const uint64_t head = RankTable::key_head(p, n);
     const uint64_t hash = RankTable::key_hash(p, n, head);
@@ -1224,26 +1233,26 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     const uint8_t* const end = s + text.size();
     const size_t n = text.size();
     Rank* o = dst;
-    constexpr size_t kGroup = 16;
-    // A piece of up to 15 bytes has its key in `own`; `at` points to its first-level bucket or, for
-    // a piece of 1 or 2 bytes, to `own` itself, whose value then holds the piece's tokens (so every
-    // short piece takes the same path: a hit in the first entry that `at` points to). 64 bytes, so
-    // that at[1] lies in the piece even where at is &own. Longer pieces: k0, k1 are head and hash.
-    struct alignas(64) Piece {
-        SmallCache::Entry own;
+    // Pieces are split and hashed a group at a time, their buckets fetched toward the core (to the
+    // second level of the processor's cache) as they are found, and then looked up in order, each
+    // bucket fetched the rest of the way a few pieces ahead: a probe then rarely waits on memory.
+    // A piece of up to 15 bytes has its key in k0, k1 and its bucket in `at`; a longer one that
+    // the second level may hold has its head and hash there.
+    constexpr size_t kGroup = 256, kAhead = 16;
+    struct Piece {
+        uint64_t k0, k1;
         const SmallCache::Entry* at;
         uint32_t begin, len;
-        uint64_t k0, k1;
     };
-    static_assert(sizeof(Piece) == 64, "at[1] of a piece's own entry stays in the piece");
-    Piece group[kGroup];
+    Piece group[kGroup + kAhead];
     const size_t cacheable = std::max(table_.max_len(), PieceCache::kKey);
     SmallCache& sc = small_cache_for(uid_, n_vocab_);
     PieceCache& cache = cache_for(uid_, n_vocab_);
     const bool wide = sc.wide;
-    const unsigned second_shift = wide ? 32 : 16;  // where the second id of a value goes
+    const unsigned shift = sc.shift;
+    const SmallCache::Entry* const table = sc.e;
+    for (size_t k = kGroup; k < kGroup + kAhead; ++k) group[k].at = table;  // prefetched past the end
     const Rank* const byte_rank = byte_rank_;
-    const Rank* const pair2 = pair2_.data();
     thread_local std::vector<Rank> scratch;
     auto slow = [&](const uint8_t* p, size_t len, uint64_t head, uint64_t hash, bool hashed) {
         scratch.clear();
@@ -1266,23 +1275,15 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
             const size_t len = e - pos;
             pc.begin = uint32_t(pos);
             pc.len = uint32_t(len);
-            if (len <= 15) {
-                uint64_t k0, k1;
-                small_key(p, len, end, &k0, &k1);
-                pc.own.k0 = k0;
-                pc.own.k1 = k1;
-                // the tokens of 1 or 2 bytes: one id, or two single bytes where the pair is no token
-                const Rank first = byte_rank[p[0]], last = byte_rank[p[len - 1]];
-                const Rank pair = pair2[size_t(p[0]) << 8 | p[len - 1]];
-                const Rank one = len == 1 ? first : pair;
-                const bool two = one == kNoRank;
-                uint64_t lo = two ? (uint64_t(first) | uint64_t(last) << second_shift) : uint64_t(one);
-                uint64_t hi = uint64_t(two ? 2 : 1) << 56;
-                std::memcpy(pc.own.v, &lo, 8);
-                std::memcpy(pc.own.v + 8, &hi, 8);
-                const SmallCache::Entry* bucket = sc.bucket(small_hash(k0, k1));
-                pc.at = len <= 2 ? &pc.own : bucket;
-                __builtin_prefetch(pc.at);
+            pc.at = table;
+            if (__builtin_expect(len <= 15, 1)) {
+                small_key(p, len, end, &pc.k0, &pc.k1);
+                pc.at = table + (small_slot(pc.k0, pc.k1, shift) << 1);
+#if defined(__SSE2__)
+                _mm_prefetch(reinterpret_cast<const char*>(pc.at), _MM_HINT_T1);
+#else
+                __builtin_prefetch(pc.at, 0, 2);
+#endif
             } else if (len <= cacheable) {
                 pc.k0 = RankTable::key_head(p, len);
                 pc.k1 = RankTable::key_hash(p, len, pc.k0);
@@ -1293,13 +1294,15 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
             }
             pos = e;
         }
+        for (size_t k = 0; k < kAhead && k < g; ++k) __builtin_prefetch(group[k].at);
         for (size_t k = 0; k < g; ++k) {
+            __builtin_prefetch(group[k + kAhead].at);
             const Piece& pc = group[k];
             const uint8_t* p = s + pc.begin;
             const size_t len = pc.len;
             if (__builtin_expect(len <= 15, 1)) {
                 const SmallCache::Entry* b = pc.at;
-                const uint64_t k0 = pc.own.k0, k1 = pc.own.k1;
+                const uint64_t k0 = pc.k0, k1 = pc.k1;
                 const bool m0 = (b[0].k0 == k0) & (b[0].k1 == k1);
                 const bool m1 = (b[1].k0 == k0) & (b[1].k1 == k1);
                 const SmallCache::Entry* en = b + (m0 ? 0 : 1);
