@@ -706,13 +706,27 @@ std::string Encoder::to_tiktoken() const {
 // Encoder: byte-pair merging
 // ---------------------------------------------------------------------------------------------
 
+// a[i] = a[i + 1] for i in [from, to): the arrays of merge_small, which have room for the copy to
+// run in whole 16-byte steps past `to` (an inline loop: a call to memmove costs more than these
+// few elements do).
+inline void shift_down(uint32_t* a, size_t from, size_t to) {
+#if defined(__SSE2__)
+    for (size_t i = from; i < to; i += 4)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i + 1)));
+#else
+    for (size_t i = from; i < to; ++i) a[i] = a[i + 1];
+#endif
+}
+
 // The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
 // lowest rank, the leftmost such pair on ties, until no adjacent pair is a token.
 size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
-    uint32_t st[kSmallPiece + 2];  // part i is [st[i], st[i+1])
-    Rank rk[kSmallPiece + 2];      // rk[i]: rank of parts i and i+1 joined
-    Rank part[kSmallPiece + 2];    // rank of part i
-    size_t cnt = n + 1;            // boundaries
+    static_assert(sizeof(Rank) == sizeof(uint32_t), "shift_down moves 32-bit elements");
+    constexpr size_t kRoom = kSmallPiece + 8;  // shift_down's whole steps stay inside
+    uint32_t st[kRoom];  // part i is [st[i], st[i+1])
+    Rank rk[kRoom];      // rk[i]: rank of parts i and i+1 joined
+    Rank part[kRoom];    // rank of part i
+    size_t cnt = n + 1;  // boundaries
     for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
     for (size_t i = 0; i < n; ++i) part[i] = byte_rank_[p[i]];
     auto pair_rank = [&](size_t i) -> Rank {
@@ -722,17 +736,15 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
     for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair2_[size_t(p[i]) << 8 | p[i + 1]];
     rk[n - 1] = kNoRank;
     while (cnt > 2) {
-        Rank best = kNoRank;
-        size_t bi = 0;
-        for (size_t i = 0; i + 2 < cnt; ++i)
-            if (rk[i] < best) {
-                best = rk[i];
-                bi = i;
-            }
+        // the lowest (rank, position), without a branch on each compare: rank above, position below
+        uint64_t low = ~uint64_t(0);
+        for (size_t i = 0; i + 2 < cnt; ++i) low = std::min(low, uint64_t(rk[i]) << 32 | i);
+        const Rank best = Rank(low >> 32);
+        const size_t bi = size_t(uint32_t(low));
         if (best == kNoRank) break;
-        std::memmove(&st[bi + 1], &st[bi + 2], (cnt - bi - 2) * sizeof(st[0]));
-        std::memmove(&rk[bi + 1], &rk[bi + 2], (cnt - bi - 3) * sizeof(rk[0]));
-        std::memmove(&part[bi + 1], &part[bi + 2], (cnt - bi - 3) * sizeof(part[0]));
+        shift_down(st, bi + 1, cnt - 1);
+        shift_down(rk, bi + 1, cnt - 2);
+        shift_down(part, bi + 1, cnt - 2);
         part[bi] = best;
         --cnt;
         rk[bi] = pair_rank(bi);
