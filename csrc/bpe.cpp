@@ -729,9 +729,29 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
     size_t cnt = n + 1;  // boundaries
     for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
     for (size_t i = 0; i < n; ++i) part[i] = byte_rank_[p[i]];
-    auto pair_rank = [&](size_t i) -> Rank {
-        if (i + 2 >= cnt) return kNoRank;
-        return find(p + st[i], st[i + 2] - st[i]);
+    // A pair that a merge makes is 3 bytes or more: its rank is in the table. Its head and hash are
+    // taken, and its slot fetched, before the arrays shift, so that the two lookups' waits overlap
+    // the shift and each other.
+    struct Key {
+        uint64_t head = 0, hash = 0;
+        uint32_t from = 0, len = 0;  // len 0: no such pair
+    };
+    const size_t max_len = table_.max_len();
+    auto key_of = [&](uint32_t from, uint32_t to) {
+        Key k;
+        k.from = from;
+        k.len = to - from;
+        if (k.len > max_len) {
+            k.len = 0;
+            return k;
+        }
+        k.head = RankTable::key_head(p + from, k.len);
+        k.hash = RankTable::key_hash(p + from, k.len, k.head);
+        table_.prefetch(k.hash);
+        return k;
+    };
+    auto rank_of = [&](const Key& k) {
+        return k.len ? table_.find_hashed(p + k.from, k.len, k.head, k.hash) : kNoRank;
     };
     for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair2_[size_t(p[i]) << 8 | p[i + 1]];
     rk[n - 1] = kNoRank;
@@ -742,13 +762,16 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
         const Rank best = Rank(low >> 32);
         const size_t bi = size_t(uint32_t(low));
         if (best == kNoRank) break;
+        // the merged part is [st[bi], st[bi + 2]); its pairs with the parts either side
+        const Key right = bi + 3 < cnt ? key_of(st[bi], st[bi + 3]) : Key{};
+        const Key left = bi > 0 ? key_of(st[bi - 1], st[bi + 2]) : Key{};
         shift_down(st, bi + 1, cnt - 1);
         shift_down(rk, bi + 1, cnt - 2);
         shift_down(part, bi + 1, cnt - 2);
         part[bi] = best;
         --cnt;
-        rk[bi] = pair_rank(bi);
-        if (bi > 0) rk[bi - 1] = pair_rank(bi - 1);
+        rk[bi] = rank_of(right);
+        if (bi > 0) rk[bi - 1] = rank_of(left);
     }
     std::memcpy(out, part, (cnt - 1) * sizeof(Rank));
     return cnt - 1;
