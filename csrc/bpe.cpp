@@ -496,10 +496,15 @@ inline uint64_t hash_bytes(const uint8_t* p, size_t n, uint64_t head) {
 
 }  // namespace
 
+namespace {
+inline uint8_t tag_of(uint64_t hash) { return uint8_t(0x80 | (hash >> 57)); }
+}  // namespace
+
 void RankTable::build(const std::vector<std::pair<std::string, Rank>>& items) {
     size_t cap = 16;
     while (cap < items.size() * 2 + 16) cap <<= 1;
     slots_.assign(cap, Slot{0, 0, 0, 0});
+    tags_.assign(cap + 16, 0);
     mask_ = cap - 1;
     arena_.clear();
     count_ = 0;
@@ -513,9 +518,12 @@ void RankTable::build(const std::vector<std::pair<std::string, Rank>>& items) {
         if (find(s) != kNoRank) throw InvalidArgument("two tokens have the same bytes");
         const uint8_t* p = reinterpret_cast<const uint8_t*>(s.data());
         uint64_t head = load_head(p, s.size());
-        uint64_t i = hash_bytes(p, s.size(), head) & mask_;
+        const uint64_t hash = hash_bytes(p, s.size(), head);
+        uint64_t i = hash & mask_;
         while (slots_[i].len != 0) i = (i + 1) & mask_;
         slots_[i] = Slot{head, uint32_t(s.size()), kv.second, uint32_t(arena_.size())};
+        tags_[i] = tag_of(hash);
+        if (i < 16) tags_[cap + i] = tags_[i];
         arena_ += s;
         ++count_;
         max_len_ = std::max(max_len_, s.size());
@@ -533,14 +541,31 @@ Rank RankTable::find(const uint8_t* p, size_t n) const {
 
 Rank RankTable::find_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash) const {
     if (count_ == 0 || n == 0) return kNoRank;
+    const uint8_t want = tag_of(hash);
     uint64_t i = hash & mask_;
     for (;;) {
-        const Slot& s = slots_[i];
-        if (s.len == 0) return kNoRank;
-        if (s.len == n && s.head == head &&
-            (n <= 8 || std::memcmp(arena_.data() + s.offset + 8, p + 8, n - 8) == 0))
-            return s.rank;
-        i = (i + 1) & mask_;
+        // the slots of this group that come before its first empty one and have the key's tag
+        uint32_t empty, same;
+#if defined(__SSE2__)
+        const __m128i g = _mm_loadu_si128(reinterpret_cast<const __m128i*>(&tags_[i]));
+        empty = uint32_t(_mm_movemask_epi8(_mm_cmpeq_epi8(g, _mm_setzero_si128())));
+        same = uint32_t(_mm_movemask_epi8(_mm_cmpeq_epi8(g, _mm_set1_epi8(char(want)))));
+#else
+        empty = same = 0;
+        for (unsigned j = 0; j < 16; ++j) {
+            empty |= uint32_t(tags_[i + j] == 0) << j;
+            same |= uint32_t(tags_[i + j] == want) << j;
+        }
+#endif
+        uint32_t cand = empty ? same & ((empty & (0u - empty)) - 1) : same;
+        for (; cand; cand &= cand - 1) {
+            const Slot& s = slots_[(i + unsigned(__builtin_ctz(cand))) & mask_];
+            if (s.len == n && s.head == head &&
+                (n <= 8 || std::memcmp(arena_.data() + s.offset + 8, p + 8, n - 8) == 0))
+                return s.rank;
+        }
+        if (empty) return kNoRank;
+        i = (i + 16) & mask_;
     }
 }
 

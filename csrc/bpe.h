@@ -73,7 +73,10 @@ class RankTable {
     Rank find(const uint8_t* p, size_t n) const;
     // find() with the key's head and hash precomputed (see key_hash).
     Rank find_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash) const;
-    void prefetch(uint64_t hash) const { __builtin_prefetch(&slots_[hash & mask_]); }
+    void prefetch(uint64_t hash) const {
+        __builtin_prefetch(&tags_[hash & mask_]);
+        __builtin_prefetch(&slots_[hash & mask_]);
+    }
     static uint64_t key_head(const uint8_t* p, size_t n);
     static uint64_t key_hash(const uint8_t* p, size_t n, uint64_t head);
     Rank find(std::string_view s) const { return find(reinterpret_cast<const uint8_t*>(s.data()), s.size()); }
@@ -87,6 +90,11 @@ class RankTable {
         Rank rank;
         uint32_t offset;  // of the bytes in arena_
     };
+    // One byte a slot, read before the slot itself: 0 where the slot is empty, else 0x80 | the top 7
+    // bits of the key's hash. Most lookups while merging are of pairs that are no token, and their
+    // answer is then found in this small array (a 16-byte group at a time) without a slot read.
+    // The first 16 tags are repeated past the end, so a group never wraps.
+    std::vector<uint8_t> tags_;
     std::vector<Slot> slots_;
     std::string arena_;
     uint64_t mask_ = 0;
