@@ -1253,11 +1253,22 @@ inline void small_store_far(SmallCache::Entry* b, uint64_t k0, uint64_t k1) {
 }
 }  // namespace
 
+namespace {
+// The calling thread's two cache levels, found once per call of the encoder (a thread_local in a
+// shared library is reached through a call, not worth making for every piece).
+struct Caches {
+    SmallCache& small;
+    PieceCache& piece;
+};
+}  // namespace
+
 // A piece of up to 15 bytes that the first level does not hold: it is one token, or it is merged
 // (a piece the first level has not seen is almost never in the second, so that is not probed).
-size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, Rank* o) const {
+size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket,
+                                  const void* caches, Rank* o) const {
     SmallCache::Entry* b = static_cast<SmallCache::Entry*>(bucket);
-    const SmallCache& sc = t_small;
+    const Caches& c = *static_cast<const Caches*>(caches);
+    const SmallCache& sc = c.small;
     const uint64_t head = RankTable::key_head(p, n);
     const uint64_t hash = RankTable::key_hash(p, n, head);
     const Rank r = n <= table_.max_len() ? table_.find_hashed(p, n, head, hash) : kNoRank;
@@ -1269,17 +1280,16 @@ size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint6
     const size_t k = merge_small(p, n, o);
     if (!small_store(sc, b, k0, k1, p, n, o, k, byte_rank_)) {
         small_store_far(b, k0, k1);
-        PieceCache& cache = cache_for(uid_, n_vocab_);
-        store(cache, cache.set_of(hash), p, n, o, k);
+        store(c.piece, c.piece.set_of(hash), p, n, o, k);
     }
     return k;
 }
 
 // A piece of up to 15 bytes whose first-level entry is kFar.
-size_t Encoder::encode_small_far(const uint8_t* p, size_t n, Rank* o) const {
+size_t Encoder::encode_small_far(const uint8_t* p, size_t n, const void* caches, Rank* o) const {
     const uint64_t head = RankTable::key_head(p, n);
     const uint64_t hash = RankTable::key_hash(p, n, head);
-    PieceCache& cache = cache_for(uid_, n_vocab_);
+    PieceCache& cache = static_cast<const Caches*>(caches)->piece;
     PieceCache::Entry* set = cache.set_of(hash);
     if (same_key(set[0], p, n)) return emit(cache, set[0], o);
     if (same_key(set[1], p, n)) return emit(cache, set[1], o);
@@ -1313,7 +1323,9 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     const SmallCache::Entry* const table = sc.e;
     for (size_t k = kGroup; k < kGroup + kAhead; ++k) group[k].at = table;  // prefetched past the end
     const Rank* const byte_rank = byte_rank_;
-    thread_local std::vector<Rank> scratch;
+    const Caches caches{sc, cache};
+    thread_local std::vector<Rank> t_scratch;
+    std::vector<Rank>& scratch = t_scratch;
     auto slow = [&](const uint8_t* p, size_t len, uint64_t head, uint64_t hash, bool hashed) {
         scratch.clear();
         if (hashed)
@@ -1373,12 +1385,20 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
                     else if (got != kFar)
                         o += small_tail(*en, p, len, byte_rank, o);
                     else
-                        o += encode_small_far(p, len, o);
+                        o += encode_small_far(p, len, &caches, o);
                 } else {
-                    o += encode_small_miss(p, len, k0, k1, const_cast<SmallCache::Entry*>(b), o);
+                    o += encode_small_miss(p, len, k0, k1, const_cast<SmallCache::Entry*>(b), &caches, o);
                 }
             } else if (len <= cacheable) {
-                slow(p, len, pc.k0, pc.k1, true);
+                // a second-level hit is emitted here; anything else (a single token, a miss, a piece
+                // too long for the second level) takes the general path
+                const PieceCache::Entry* set = cache.set_of(pc.k1);
+                if (len <= PieceCache::kKey && same_key(set[0], p, len))
+                    o += emit(cache, set[0], o);
+                else if (len <= PieceCache::kKey && same_key(set[1], p, len))
+                    o += emit(cache, set[1], o);
+                else
+                    slow(p, len, pc.k0, pc.k1, true);
             } else {
                 slow(p, len, 0, 0, false);
             }

@@ -179,8 +179,11 @@ class Encoder {
     // The same into `out` (room for n ids); returns the number of ids.
     size_t merge_small(const uint8_t* p, size_t n, Rank* out) const;
     // A piece of 3 to 15 bytes that the first level of the cache does not hold (bpe.cpp).
-    size_t encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, Rank* o) const;
-    size_t encode_small_far(const uint8_t* p, size_t n, Rank* o) const;
+    // `caches`: the calling thread's two cache levels (bpe.cpp's Caches), looked up once per call
+    // of the encoder rather than once per piece.
+    size_t encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, const void* caches,
+                             Rank* o) const;
+    size_t encode_small_far(const uint8_t* p, size_t n, const void* caches, Rank* o) const;
     void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;   // dispatches to one of:
     void bpe_heap(const uint8_t* p, size_t n, std::vector<Rank>& out) const;    // the merge rule, O(n log n)
     // Left to right with backtracking, in near-linear time and cache order (backtrack.cpp).
