@@ -444,34 +444,47 @@ class PyEncoder {
         return py::reinterpret_steal<py::list>(list);
     }
 
+    // The ids of `s` into a buffer the thread keeps (so that a call does not map and fault in fresh
+    // pages for them); a buffer grown past kKeepMax ids is freed by the caller's KeepTrim.
+    // Returns the buffer and sets *n to the ids written.
+    static constexpr size_t kKeepMax = size_t(16) << 20;
+    struct KeepTrim {
+        ~KeepTrim() {
+            if (keep_cap() > kKeepMax) {
+                keep().reset();
+                keep_cap() = 0;
+            }
+        }
+    };
+    static std::unique_ptr<Rank[]>& keep() {
+        thread_local std::unique_ptr<Rank[]> b;
+        return b;
+    }
+    static size_t& keep_cap() {
+        thread_local size_t cap = 0;
+        return cap;
+    }
+    const Rank* encode_kept(std::string_view s, size_t* n) const {
+        std::unique_ptr<Rank[]>& buf = keep();
+        size_t& cap = keep_cap();
+        const size_t need = s.size() + Encoder::kOutSlack;
+        if (need > cap) {
+            buf.reset();
+            cap = 0;
+            buf.reset(new Rank[std::max(need, size_t(1) << 16)]);
+            cap = std::max(need, size_t(1) << 16);
+        }
+        py::gil_scoped_release nogil;
+        *n = enc_->encode_ordinary_into(s, buf.get());
+        return buf.get();
+    }
+
     py::list encode_ordinary(const py::handle& text) const {
         std::string_view s = utf8_of(text.ptr());
-        // The ids only pass through on their way to the list: a buffer kept by the thread, so that each
-        // call does not map (and fault in) fresh pages for them.
-        thread_local std::unique_ptr<Rank[]> keep;
-        thread_local size_t keep_cap = 0;
-        constexpr size_t kKeepMax = size_t(16) << 20;  // ids; a larger buffer is freed after the call
-        const size_t need = s.size() + Encoder::kOutSlack;
-        if (need > keep_cap) {
-            keep.reset();
-            keep_cap = 0;
-            keep.reset(new Rank[std::max(need, size_t(1) << 16)]);
-            keep_cap = std::max(need, size_t(1) << 16);
-        }
+        KeepTrim after;
         size_t n;
-        {
-            py::gil_scoped_release nogil;
-            n = enc_->encode_ordinary_into(s, keep.get());
-        }
-        struct Trim {
-            ~Trim() {
-                if (keep_cap > kKeepMax) {
-                    keep.reset();
-                    keep_cap = 0;
-                }
-            }
-        } trim;
-        return to_list(keep.get(), n);
+        const Rank* ids = encode_kept(s, &n);
+        return to_list(ids, n);
     }
 
     py::list encode(const py::handle& text, const py::object& allowed) const {
@@ -489,8 +502,20 @@ class PyEncoder {
         std::string_view s = utf8_of(text.ptr());
         std::vector<bool> mask = allowed_mask(allowed);
         if (std::find(mask.begin(), mask.end(), true) == mask.end()) {
-            // No special token to look for: the ids go straight into the array's own buffer, one
-            // allocation with room for the worst case (one id a byte), trimmed after.
+            // No special token to look for. A text that the thread's kept buffer holds is encoded
+            // there and copied into a block of the ids' own size (a quarter of the worst case, one id
+            // a byte, which would often be fresh pages to fault in); a longer one goes straight into
+            // a worst-case block, trimmed after.
+            if (s.size() + Encoder::kOutSlack <= kKeepMax) {
+                KeepTrim after;
+                size_t n;
+                const Rank* ids = encode_kept(s, &n);
+                Rank* data = static_cast<Rank*>(std::malloc(std::max<size_t>(n, 1) * sizeof(Rank)));
+                if (!data) throw std::bad_alloc();
+                std::memcpy(data, ids, n * sizeof(Rank));
+                py::capsule owner(data, [](void* p) { std::free(p); });
+                return py::array_t<uint32_t>({py::ssize_t(n)}, {py::ssize_t(sizeof(Rank))}, data, owner);
+            }
             IdBuffer buf(s.size());
             {
                 py::gil_scoped_release nogil;
