@@ -1096,7 +1096,7 @@ void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
 }
 
 namespace {
-// The first level of the piece cache: pieces of 3 to 15 bytes that are at most kSmallTokens tokens
+// The first level of the piece cache: pieces of 1 to 15 bytes that are at most 7 tokens (3 of 32-bit ids)
 // (the single-token pieces included: most pieces of real text are one), each in a 32-byte entry
 // that holds its key whole (the bytes, zero-padded, and the length in the last byte) and its
 // tokens, so a hit costs one cache line and two compares. Two entries a bucket (one 64-byte line);

@@ -178,7 +178,7 @@ class Encoder {
     void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
     // The same into `out` (room for n ids); returns the number of ids.
     size_t merge_small(const uint8_t* p, size_t n, Rank* out) const;
-    // A piece of 3 to 15 bytes that the first level of the cache does not hold (bpe.cpp).
+    // A piece of up to 15 bytes that the first level of the cache does not hold (bpe.cpp).
     // `caches`: the calling thread's two cache levels (bpe.cpp's Caches), looked up once per call
     // of the encoder rather than once per piece.
     size_t encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, const void* caches,
