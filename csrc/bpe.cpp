@@ -1030,6 +1030,11 @@ inline bool same_key(const PieceCache::Entry& e, const uint8_t* p, size_t n) {
     return e.key_len == n && std::memcmp(e.key, p, n) == 0;
 }
 
+// The entry of the piece p[0, n) in its set, or nullptr.
+inline const PieceCache::Entry* find_in(const PieceCache::Entry* set, const uint8_t* p, size_t n) {
+    return same_key(set[0], p, n) ? &set[0] : same_key(set[1], p, n) ? &set[1] : nullptr;
+}
+
 // Writes an entry's tokens at o; returns how many.
 inline size_t emit(const PieceCache& c, const PieceCache::Entry& e, Rank* o) {
     const size_t k = e.n_tokens;
@@ -1088,8 +1093,7 @@ void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
     if (n > PieceCache::kKey) return n <= kSmallPiece ? bpe_small(p, n, out) : bpe_large(p, n, out);
     PieceCache& cache = cache_for(uid_, n_vocab_);
     PieceCache::Entry* set = cache.set_of(h);
-    if (same_key(set[0], p, n)) return emit(cache, set[0], out);
-    if (same_key(set[1], p, n)) return emit(cache, set[1], out);
+    if (const PieceCache::Entry* e = find_in(set, p, n)) return emit(cache, *e, out);
     const size_t before = out.size();
     bpe_small(p, n, out);
     store(cache, set, p, n, out.data() + before, out.size() - before);
@@ -1291,8 +1295,7 @@ size_t Encoder::encode_small_far(const uint8_t* p, size_t n, const void* caches,
     const uint64_t hash = RankTable::key_hash(p, n, head);
     PieceCache& cache = static_cast<const Caches*>(caches)->piece;
     PieceCache::Entry* set = cache.set_of(hash);
-    if (same_key(set[0], p, n)) return emit(cache, set[0], o);
-    if (same_key(set[1], p, n)) return emit(cache, set[1], o);
+    if (const PieceCache::Entry* e = find_in(set, p, n)) return emit(cache, *e, o);
     const size_t k = merge_small(p, n, o);
     store(cache, set, p, n, o, k);
     return k;
@@ -1392,11 +1395,9 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
             } else if (len <= cacheable) {
                 // a second-level hit is emitted here; anything else (a single token, a miss, a piece
                 // too long for the second level) takes the general path
-                const PieceCache::Entry* set = cache.set_of(pc.k1);
-                if (len <= PieceCache::kKey && same_key(set[0], p, len))
-                    o += emit(cache, set[0], o);
-                else if (len <= PieceCache::kKey && same_key(set[1], p, len))
-                    o += emit(cache, set[1], o);
+                const PieceCache::Entry* e = len <= PieceCache::kKey ? find_in(cache.set_of(pc.k1), p, len) : nullptr;
+                if (e)
+                    o += emit(cache, *e, o);
                 else
                     slow(p, len, pc.k0, pc.k1, true);
             } else {
