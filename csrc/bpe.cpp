@@ -200,12 +200,12 @@ inline size_t piece_end(const uint8_t* s, size_t n, size_t pos) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The block splitter: piece boundaries of 64 ASCII bytes at a time
+// The block splitter: piece boundaries of 64 bytes at a time
 // ---------------------------------------------------------------------------------------------
 //
-// On ASCII text every rule of the pattern but the contractions looks at two neighbouring bytes
-// only, so the starts of the pieces in a block of 64 bytes come out of a few bit masks (bit i for
-// byte i) with no branch per byte:
+// Every rule of the pattern but the contractions looks at two neighbouring characters only, so once
+// each byte carries the class of its character, the starts of the pieces in a block of 64 bytes come
+// out of a few bit masks (bit i for byte i) with no branch per byte:
 //   * a piece starts where the class (letter, number, whitespace, other) changes, except after a
 //     U+0020 space before a non-space, which joins what follows (' ?\p{L}+' and the like);
 //   * a whitespace byte before a non-space starts a piece of its own: a run gives its last character
@@ -214,9 +214,13 @@ inline size_t piece_end(const uint8_t* s, size_t n, size_t pos) {
 //   * an apostrophe that starts a piece and is followed by s, d, m, t (ll, ve, re) is a contraction of
 //     two (three) bytes: its letters start no piece and the byte after it starts one. Apostrophes are
 //     rare, so each is looked at in scalar code.
-// A block with a byte of 0x80 or more is left to piece_end, piece by piece, until the text is ASCII
-// again. The masks need the class of the byte before the block (carried from the previous block)
-// and up to two bytes after it; a contraction at the end of a block moves starts of the next one.
+// ASCII bytes get their classes from SIMD compares. In a block with longer characters, each of 2 or
+// 3 bytes is looked up once, at its first byte, and its class copied to the bytes after it
+// (wide_block_classes); a character may run into the next block. A block with any other byte of 0x80
+// or more (a character of 4 bytes, whitespace such as U+00A0, a byte that is not UTF-8) is left to
+// piece_end, piece by piece, past that byte. The masks need the class of the byte before the block
+// (carried from the previous block) and up to two bytes after it; a contraction at the end of a
+// block moves starts of the next one.
 constexpr uint64_t kMaskSpace = 1;    // class bits of the byte before a block
 constexpr uint64_t kMaskLetter = 2;
 constexpr uint64_t kMaskNumber = 4;
@@ -238,7 +242,31 @@ inline uint64_t high_bytes(const uint8_t* p) {
            uint64_t(uint32_t(_mm_movemask_epi8(c))) << 32 | uint64_t(uint32_t(_mm_movemask_epi8(d))) << 48;
 }
 
-// The classes of 64 ASCII bytes. Signed compares are exact on bytes below 0x80.
+// The first bytes of longer characters in p[0, 64): `lead` (0xC0 or more), `lead3` (0xE0 or more: 3
+// bytes or more) and `bad` (0xC0, 0xC1 and 0xF0 or more: no character of 2 or 3 bytes starts so).
+struct LeadBytes {
+    uint64_t lead, lead3, bad;
+};
+inline LeadBytes lead_bytes(const uint8_t* p) {
+    // signed: 0xC0..0xFF are -64..-1, 0xE0.. from -32, 0xF0.. from -16
+    const __m128i z = _mm_setzero_si128(), c0 = _mm_set1_epi8(char(0xBF)), e0 = _mm_set1_epi8(char(0xDF));
+    const __m128i f0 = _mm_set1_epi8(char(0xEF)), fe = _mm_set1_epi8(char(0xFE)), c0c1 = _mm_set1_epi8(char(0xC0));
+    LeadBytes l{0, 0, 0};
+    for (int j = 0; j < 4; ++j) {
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j));
+        const __m128i neg = _mm_cmplt_epi8(x, z);
+        const __m128i bad = _mm_or_si128(_mm_and_si128(_mm_cmpgt_epi8(x, f0), neg),
+                                         _mm_cmpeq_epi8(_mm_and_si128(x, fe), c0c1));
+        const int sh = 16 * j;
+        l.lead |= uint64_t(uint32_t(_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi8(x, c0), neg)))) << sh;
+        l.lead3 |= uint64_t(uint32_t(_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi8(x, e0), neg)))) << sh;
+        l.bad |= uint64_t(uint32_t(_mm_movemask_epi8(bad))) << sh;
+    }
+    return l;
+}
+
+// The classes of 64 ASCII bytes. Signed compares are exact on bytes below 0x80 (and give a byte of
+// 0x80 or more no class).
 inline void block_classes(const uint8_t* p, BlockClasses* k) {
     uint64_t m[5] = {0, 0, 0, 0, 0};
     const __m128i lower = _mm_set1_epi8(0x20), a1 = _mm_set1_epi8('a' - 1), z1 = _mm_set1_epi8('z' + 1);
@@ -284,10 +312,27 @@ inline uint64_t high_bytes(const uint8_t* p) {
     for (int j = 0; j < 8; ++j) m |= gather_top_bits(load64(p + 8 * j) & kHi) << (8 * j);
     return m;
 }
+struct LeadBytes {
+    uint64_t lead, lead3, bad;
+};
+inline LeadBytes lead_bytes(const uint8_t* p) {
+    LeadBytes l{0, 0, 0};
+    for (int j = 0; j < 8; ++j) {
+        const uint64_t w = load64(p + 8 * j);
+        const uint64_t two = w & (w << 1), three = two & (w << 2);  // top bit: the top 2 (3) bits set
+        const uint64_t bad = (three & (w << 3)) | equal_bytes(w & (0xFE * kOnes), 0xC0);
+        const int sh = 8 * j;
+        l.lead |= gather_top_bits(two & kHi) << sh;
+        l.lead3 |= gather_top_bits(three & kHi) << sh;
+        l.bad |= gather_top_bits(bad & kHi) << sh;
+    }
+    return l;
+}
 inline void block_classes(const uint8_t* p, BlockClasses* k) {
     *k = BlockClasses{0, 0, 0, 0, 0};
     for (int j = 0; j < 8; ++j) {
-        const uint64_t w = load64(p + 8 * j);
+        uint64_t w = load64(p + 8 * j);
+        w &= ~(((w & kHi) >> 7) * 0xFF);  // a byte of 0x80 or more as 0 (no class; no borrow below)
         const uint64_t blank = equal_bytes(w, 0x20);
         const uint64_t ws = ((w | kHi) - 0x09 * kOnes) & ((0x0D | 0x80) * kOnes - w) & kHi;
         const int sh = 8 * j;
@@ -299,6 +344,52 @@ inline void block_classes(const uint8_t* p, BlockClasses* k) {
     }
 }
 #endif
+
+// The classes of a block that has bytes of 0x80 or more (`high`), where each such byte is part of a
+// character of 2 or 3 bytes (as class_at reads them) that is not whitespace: each byte of a character
+// gets its class. The first `pend` bytes continue the character that ends the block before, whose
+// class is in `before` (kMask*); *pend_next gets how many bytes of the block's last character lie past
+// it. False where the block has any other byte of 0x80 or more (a character of 4 bytes, whitespace
+// such as U+00A0, a byte that is not UTF-8): those are left to piece_end. p[64, 66) must be readable.
+inline bool wide_block_classes(const uint8_t* p, uint64_t high, unsigned pend, uint64_t before, BlockClasses* k,
+                               unsigned* pend_next) {
+    const LeadBytes l = lead_bytes(p);
+    const uint64_t cont = high & ~l.lead;
+    // each lead at i wants continuation bytes at i + 1 (and i + 2 for 3 bytes), and nothing else is one
+    if (l.bad || cont != ((l.lead << 1) | (l.lead3 << 2) | ((uint64_t(1) << pend) - 1))) return false;
+    unsigned past = 0;
+    if (l.lead) {
+        const unsigned last = 63 - unsigned(__builtin_clzll(l.lead));
+        const unsigned end = last + 2 + unsigned(l.lead3 >> last & 1);
+        past = end > 64 ? end - 64 : 0;
+        if ((past >= 1 && !is_cont(p[64])) || (past == 2 && !is_cont(p[65]))) return false;
+    }
+    // the two bits of each lead's class (kLetter 1, kNumber 2, kSpace 3) in two masks
+    static_assert(kOther == 0 && kLetter == 1 && kNumber == 2 && kSpace == 3, "class codes");
+    uint64_t bit0 = 0, bit1 = 0;
+    for (uint64_t m = l.lead; m; m &= m - 1) {
+        const unsigned i = unsigned(__builtin_ctzll(m));
+        const uint32_t c = p[i], c1 = p[i + 1] & 0x3F, c2 = p[i + 2] & 0x3F;
+        const uint32_t cp = c >= 0xE0 ? (c & 0x0F) << 12 | c1 << 6 | c2 : (c & 0x1F) << 6 | c1;
+        const uint64_t cls = unicode::kStage2[unicode::kStage1[cp >> 8]][cp & 0xFF];
+        bit0 |= (cls & 1) << i;
+        bit1 |= (cls >> 1) << i;
+    }
+    if (bit0 & bit1) return false;  // whitespace
+    uint64_t letter = bit0, number = bit1;
+    block_classes(p, k);
+    letter |= k->letter;
+    number |= k->number;
+    const uint64_t letter_in = (before & kMaskLetter) >> 1, number_in = (before & kMaskNumber) >> 2;
+    for (int r = 0; r < 2; ++r) {  // a lead's class to the (up to two) bytes after it
+        letter |= (letter << 1 | letter_in) & cont;
+        number |= (number << 1 | number_in) & cont;
+    }
+    k->letter = letter;
+    k->number = number;
+    *pend_next = past;
+    return true;
+}
 
 // The starts of pieces in a block that are still to be returned: bit i is base + i. Kept by the
 // caller, apart from the splitter, so that the two stay in registers in the caller's loop.
@@ -322,7 +413,7 @@ class BlockSplitter {
             c.bits &= c.bits - 1;
             return e;
         }
-        if (pos < ascii_from_) return piece_end(s_, n_, pos);  // among longer characters
+        if (pos < blocks_from_) return piece_end(s_, n_, pos);  // bytes the blocks leave to piece_end
         const size_t e = refill(pos);
         c.bits = bits_;
         c.base = base_;
@@ -330,7 +421,7 @@ class BlockSplitter {
     }
 
   private:
-    // The end of the piece at pos when the block holds no more starts and pos >= ascii_from_.
+    // The end of the piece at pos when the block holds no more starts and pos >= blocks_from_.
     GPTFAST_NOINLINE size_t refill(size_t pos) {
         for (;;) {
             if (chained_) {
@@ -373,18 +464,21 @@ class BlockSplitter {
             std::memcpy(tail, p, left);
             p = tail;
         }
+        BlockClasses k;
+        const uint64_t before = fresh ? 0 : carry_;
+        unsigned pend = 0;
         if (const uint64_t high = high_bytes(p)) {
-            // Past the last such byte; in text where block after block fails, further each time
-            // (up to 512 bytes), so that text of longer characters does not pay for a look every
-            // 64 bytes.
-            ascii_from_ = std::max(b + 64 - size_t(__builtin_clzll(high)), b + (size_t(32) << misses_));
-            misses_ += misses_ < 4;
-            return false;
+            if (!wide_block_classes(p, high, fresh ? 0 : pend_, before, &k, &pend)) {
+                // Past the last such byte; in text where block after block fails, further each
+                // time (up to 512 bytes), so that such text does not pay for a look every 64 bytes.
+                blocks_from_ = std::max(b + 64 - size_t(__builtin_clzll(high)), b + (size_t(32) << misses_));
+                misses_ += misses_ < 4;
+                return false;
+            }
+        } else {
+            block_classes(p, &k);
         }
         misses_ = 0;
-        BlockClasses k;
-        block_classes(p, &k);
-        const uint64_t before = fresh ? 0 : carry_;
         const uint64_t letter_b = k.letter << 1 | (before & kMaskLetter) >> 1;
         const uint64_t number_b = k.number << 1 | (before & kMaskNumber) >> 2;
         const uint64_t space_b = k.space << 1 | (before & kMaskSpace);
@@ -434,6 +528,7 @@ class BlockSplitter {
                  (k.blank >> 63) * kMaskBlank;
         base_ = b;
         bits_ = starts;
+        pend_ = pend;
         chained_ = true;
         return true;
     }
@@ -445,8 +540,9 @@ class BlockSplitter {
     bool chained_ = false;   // the next block follows the one at base_ (its state below is valid)
     uint64_t carry_ = 0;     // classes of the last byte of the block at base_ (kMask*)
     uint64_t set_ = 0, clear_ = 0;  // starts a contraction adds to / removes from the next block
-    size_t ascii_from_ = 0;  // no block is read that starts before this (a byte of 0x80 or more)
-    unsigned misses_ = 0;    // blocks in a row that were not ASCII (at most 4)
+    unsigned pend_ = 0;      // bytes at the start of the next block that end the last character of this
+    size_t blocks_from_ = 0;  // no block is read that starts before this (piece_end's bytes, see load)
+    unsigned misses_ = 0;    // blocks in a row that piece_end had to read (at most 4)
 };
 }  // namespace
 #define GPTFAST_BLOCK_SPLITTER 1  // tools/bpe_bench.cpp times BlockSplitter alone where this is set

@@ -1,9 +1,10 @@
-"""The core's block splitter (64 ASCII bytes at a time, csrc/bpe.cpp) against tiktoken, the oracle.
+"""The core's block splitter (64 bytes at a time, csrc/bpe.cpp) against tiktoken, the oracle.
 
-Its pieces come from bit masks per block of 64 bytes, with state carried from block to block and a
-piece-by-piece path for text with longer characters, so these texts put every rule of the pattern
-at every offset around a block's edges: contractions, a space joining what follows, whitespace
-runs, the end of the text, and ASCII next to longer characters.
+Its pieces come from bit masks per block of 64 bytes, with state carried from block to block: a
+character of 2 or 3 bytes gets its class once and may run into the next block, and a piece-by-piece
+path takes what the masks do not (characters of 4 bytes, whitespace that is not ASCII). So these
+texts put every rule of the pattern at every offset around a block's edges: contractions, a space
+joining what follows, whitespace runs, the end of the text, and ASCII next to longer characters.
 """
 
 import random
@@ -120,3 +121,38 @@ def test_random_texts_match_tiktoken(enc, boundaries):
         texts.append("".join(rng.choice(rare) if rng.random() < p_rare else rng.choice(alphabet) for _ in range(n)))
     _check(texts, enc, fast)
     _check(texts, oracle, mine)
+
+
+# Characters of 2 and 3 bytes of each class: letters (Cyrillic, Devanagari, CJK, Latin), marks and
+# other symbols (no letter: a class of their own in the pattern), digits that are not ASCII, and
+# whitespace that is not ASCII (which the masks leave to the piece-by-piece path).
+WIDE = ["\u043f", "\u0418", "\u00e9", "\u0915", "\u093f", "\u0301", "\u0482", "\u00ab", "\u201c",
+        "\u2014", "\u0663", "\u0966", "\u00b2", "\uff11", "\u65e5", "\u00a0", "\u3000", "\u2028",
+        "\u0085", "\U0001F600"]
+
+
+def test_wide_characters_across_block_edges(enc, fast):
+    """Each longer character with its bytes on either side of a block's edge (every shift), after
+    and before ASCII and other longer characters, so that a character's class must carry over."""
+    texts = []
+    for fill in ("q", " ", "1", "\u0436", "\u0915", "\u00e9x"):
+        for w in WIDE:
+            for nxt in ("", "a", " ", "'s", "7", "\u0436", "\u093f", w):
+                for shift in range(-3, 4):
+                    head = fill * 70
+                    head = head.encode()[: 64 + shift].decode("utf-8", errors="ignore")
+                    texts.append(head + w + nxt + " " + w * 3 + "z")
+                    texts.append(" " + head + " " + w + nxt)
+    _check(texts, enc, fast)
+
+
+def test_random_wide_texts_match_tiktoken(enc, fast):
+    rng = random.Random(64)
+    ascii_part = list("aestlvrdm0179") + [" "] * 6 + ["\n", "\t", "'", "'", ".", "-", "?"]
+    texts = []
+    for _ in range(6000):
+        n = rng.randrange(400)
+        p_ascii = rng.choice((0.0, 0.1, 0.5))
+        texts.append("".join(rng.choice(ascii_part) if rng.random() < p_ascii else rng.choice(WIDE[:15])
+                             if rng.random() < 0.97 else rng.choice(WIDE) for _ in range(n)))
+    _check(texts, enc, fast)
