@@ -10,6 +10,7 @@
 #include <mutex>
 #include <queue>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 
 #ifdef __linux__
@@ -1413,14 +1414,14 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
         const SmallCache::Entry* at;
         uint32_t begin, len;
     };
-    Piece group[kGroup + kAhead];
+    // a group is filled while it has fewer than kGroup pieces, a block's pieces (up to 64) at a time
+    Piece group[kGroup + 64 + kAhead];
     const size_t cacheable = std::max(table_.max_len(), PieceCache::kKey);
     SmallCache& sc = small_cache_for(uid_, n_vocab_);
     PieceCache& cache = cache_for(uid_, n_vocab_);
     const bool wide = sc.wide;
     const unsigned shift = sc.shift;
     const SmallCache::Entry* const table = sc.e;
-    for (size_t k = kGroup; k < kGroup + kAhead; ++k) group[k].at = table;  // prefetched past the end
     const Rank* const byte_rank = byte_rank_;
     const Caches caches{sc, cache};
     thread_local std::vector<Rank> t_scratch;
@@ -1436,35 +1437,62 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
     };
     BlockSplitter split(s, n);
     PieceStarts starts;
-    size_t pos = 0;
-    while (pos < n) {
-        size_t g = 0;
-        while (g < kGroup && pos < n) {
-            const size_t e = split.next(starts, pos);
-            Piece& pc = group[g++];
-            const uint8_t* p = s + pos;
-            const size_t len = e - pos;
-            pc.begin = uint32_t(pos);
-            pc.len = uint32_t(len);
-            pc.at = table;
-            if (__builtin_expect(len <= 15, 1)) {
+    size_t pos = 0, g = 0;
+    // Adds the piece [pos, e) to the group. `in_text`: 16 bytes from pos are inside the text, so a
+    // short piece's key is read with two plain loads.
+    auto add = [&](size_t e, auto in_text) {
+        Piece& pc = group[g++];
+        const uint8_t* p = s + pos;
+        const size_t len = e - pos;
+        pc.begin = uint32_t(pos);
+        pc.len = uint32_t(len);
+        pos = e;
+        if (__builtin_expect(len <= 15, 1)) {
+            if (decltype(in_text)::value) {
+                uint64_t a, b;
+                std::memcpy(&a, p, 8);
+                std::memcpy(&b, p + 8, 8);
+                pc.k0 = a & kKeyMasks.lo[len];
+                pc.k1 = (b & kKeyMasks.hi[len]) | (uint64_t(len) << 56);
+            } else {
                 small_key(p, len, end, &pc.k0, &pc.k1);
-                pc.at = table + (small_slot(pc.k0, pc.k1, shift) << 1);
-#if defined(__SSE2__)
-                _mm_prefetch(reinterpret_cast<const char*>(pc.at), _MM_HINT_T1);
-#else
-                __builtin_prefetch(pc.at, 0, 2);
-#endif
-            } else if (len <= cacheable) {
-                pc.k0 = RankTable::key_head(p, len);
-                pc.k1 = RankTable::key_hash(p, len, pc.k0);
-                table_.prefetch(pc.k1);
-                PieceCache::Entry* set = cache.set_of(pc.k1);
-                __builtin_prefetch(set);
-                __builtin_prefetch(set + 1);
             }
-            pos = e;
+            pc.at = table + (small_slot(pc.k0, pc.k1, shift) << 1);
+#if defined(__SSE2__)
+            _mm_prefetch(reinterpret_cast<const char*>(pc.at), _MM_HINT_T1);
+#else
+            __builtin_prefetch(pc.at, 0, 2);
+#endif
+            return;
         }
+        pc.at = table;  // (prefetched 16 pieces ahead: any valid address)
+        if (len <= cacheable) {
+            pc.k0 = RankTable::key_head(p, len);
+            pc.k1 = RankTable::key_hash(p, len, pc.k0);
+            table_.prefetch(pc.k1);
+            PieceCache::Entry* set = cache.set_of(pc.k1);
+            __builtin_prefetch(set);
+            __builtin_prefetch(set + 1);
+        }
+    };
+    while (pos < n) {
+        g = 0;
+        while (g < kGroup && pos < n) {
+            if (starts.bits && starts.base + 80 <= n) {
+                // the rest of a block's pieces, with no check of the group's room or the text's end
+                uint64_t bits = starts.bits;
+                const size_t base = starts.base;
+                starts.bits = 0;
+                do {
+                    const size_t e = base + size_t(__builtin_ctzll(bits));
+                    bits &= bits - 1;
+                    add(e, std::true_type{});
+                } while (bits);
+            } else {
+                add(split.next(starts, pos), std::false_type{});
+            }
+        }
+        for (size_t k = g; k < g + kAhead; ++k) group[k].at = table;  // prefetched past the end
         for (size_t k = 0; k < kAhead && k < g; ++k) __builtin_prefetch(group[k].at);
         for (size_t k = 0; k < g; ++k) {
             __builtin_prefetch(group[k + kAhead].at);
