@@ -1435,6 +1435,45 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
         std::memcpy(o, scratch.data(), scratch.size() * sizeof(Rank));
         o += scratch.size();
     };
+    // Looks up the group's pieces in order and writes their ids.
+    auto probe = [&](const Piece* grp, size_t count, auto wide_ids) {
+        constexpr bool kWide = decltype(wide_ids)::value;
+        for (const Piece* pc = grp; pc != grp + count; ++pc) {
+            __builtin_prefetch(pc[kAhead].at);
+            const size_t len = pc->len;
+            if (__builtin_expect(len <= 15, 1)) {
+                const SmallCache::Entry* b = pc->at;
+                const uint64_t k0 = pc->k0, k1 = pc->k1;
+                const bool m0 = (b[0].k0 == k0) & (b[0].k1 == k1);
+                const bool m1 = (b[1].k0 == k0) & (b[1].k1 == k1);
+                const SmallCache::Entry* en = b + (m0 ? 0 : 1);
+                if (__builtin_expect(m0 | m1, 1)) {
+                    const size_t got = small_emit(*en, kWide, o);
+                    if (__builtin_expect(got < kTail, 1))
+                        o += got;
+                    else if (got != kFar)
+                        o += small_tail(*en, s + pc->begin, len, byte_rank, o);
+                    else
+                        o += encode_small_far(s + pc->begin, len, &caches, o);
+                } else {
+                    o += encode_small_miss(s + pc->begin, len, k0, k1, const_cast<SmallCache::Entry*>(b), &caches, o);
+                }
+                continue;
+            }
+            const uint8_t* p = s + pc->begin;
+            if (len <= cacheable) {
+                // a second-level hit is emitted here; anything else (a single token, a miss, a piece
+                // too long for the second level) takes the general path
+                const PieceCache::Entry* e = len <= PieceCache::kKey ? find_in(cache.set_of(pc->k1), p, len) : nullptr;
+                if (e)
+                    o += emit(cache, *e, o);
+                else
+                    slow(p, len, pc->k0, pc->k1, true);
+            } else {
+                slow(p, len, 0, 0, false);
+            }
+        }
+    };
     BlockSplitter split(s, n);
     PieceStarts starts;
     size_t pos = 0, g = 0;
@@ -1494,40 +1533,11 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
         }
         for (size_t k = g; k < g + kAhead; ++k) group[k].at = table;  // prefetched past the end
         for (size_t k = 0; k < kAhead && k < g; ++k) __builtin_prefetch(group[k].at);
-        for (size_t k = 0; k < g; ++k) {
-            __builtin_prefetch(group[k + kAhead].at);
-            const Piece& pc = group[k];
-            const uint8_t* p = s + pc.begin;
-            const size_t len = pc.len;
-            if (__builtin_expect(len <= 15, 1)) {
-                const SmallCache::Entry* b = pc.at;
-                const uint64_t k0 = pc.k0, k1 = pc.k1;
-                const bool m0 = (b[0].k0 == k0) & (b[0].k1 == k1);
-                const bool m1 = (b[1].k0 == k0) & (b[1].k1 == k1);
-                const SmallCache::Entry* en = b + (m0 ? 0 : 1);
-                if (__builtin_expect(m0 | m1, 1)) {
-                    const size_t got = small_emit(*en, wide, o);
-                    if (__builtin_expect(got < kTail, 1))
-                        o += got;
-                    else if (got != kFar)
-                        o += small_tail(*en, p, len, byte_rank, o);
-                    else
-                        o += encode_small_far(p, len, &caches, o);
-                } else {
-                    o += encode_small_miss(p, len, k0, k1, const_cast<SmallCache::Entry*>(b), &caches, o);
-                }
-            } else if (len <= cacheable) {
-                // a second-level hit is emitted here; anything else (a single token, a miss, a piece
-                // too long for the second level) takes the general path
-                const PieceCache::Entry* e = len <= PieceCache::kKey ? find_in(cache.set_of(pc.k1), p, len) : nullptr;
-                if (e)
-                    o += emit(cache, *e, o);
-                else
-                    slow(p, len, pc.k0, pc.k1, true);
-            } else {
-                slow(p, len, 0, 0, false);
-            }
-        }
+        // (one loop for each width of the ids an entry holds, so that none tests it per piece)
+        if (wide)
+            probe(group, g, std::true_type{});
+        else
+            probe(group, g, std::false_type{});
     }
     return size_t(o - dst);
 }
