@@ -840,6 +840,41 @@ inline void shift_down(uint32_t* a, size_t from, size_t to) {
 #endif
 }
 
+namespace {
+// A per-thread cache of the merge's lookups: the pair of two parts' ranks to the rank of their
+// join (kNoRank where it is no token). Pieces the cache of pieces does not hold still repeat the
+// same pairs of parts, and an entry here answers one from the processor's cache, without hashing the
+// pair's bytes or reading the rank table (3 MiB for GPT-2). Direct-mapped, keys compared whole:
+// kPairs entries of 16 bytes (128 KiB) on each thread that merges.
+struct PairCache {
+    struct Entry {
+        Rank a, b, rank, pad;  // a == kNoRank: empty (no part has that rank)
+    };
+    static constexpr unsigned kBits = 13;
+    static constexpr size_t kPairs = size_t(1) << kBits;
+    Entry* e = nullptr;
+    uint64_t owner = 0;
+    ~PairCache() { std::free(e); }
+    static size_t slot(Rank a, Rank b) {
+        return size_t(((uint64_t(a) << 32 | b) * 0x9E3779B97F4A7C15ull) >> (64 - kBits));
+    }
+};
+thread_local PairCache t_pairs;
+
+inline PairCache& pair_cache_for(uint64_t uid) {
+    PairCache& c = t_pairs;
+    if (c.owner != uid || !c.e) {
+        if (!c.e) {
+            c.e = static_cast<PairCache::Entry*>(std::malloc(PairCache::kPairs * sizeof(PairCache::Entry)));
+            if (!c.e) throw std::bad_alloc();
+        }
+        std::memset(c.e, 0xFF, PairCache::kPairs * sizeof(PairCache::Entry));  // every a = kNoRank
+        c.owner = uid;
+    }
+    return c;
+}
+}  // namespace
+
 // The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
 // lowest rank, the leftmost such pair on ties, until no adjacent pair is a token.
 size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
@@ -851,16 +886,27 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
     size_t cnt = n + 1;  // boundaries
     for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
     for (size_t i = 0; i < n; ++i) part[i] = byte_rank_[p[i]];
-    // A pair that a merge makes is 3 bytes or more: its rank is in the table. Its head and hash are
-    // taken, and its slot fetched, before the arrays shift, so that the two lookups' waits overlap
-    // the shift and each other.
+    // A pair that a merge makes is 3 bytes or more: its rank is in the pair cache or the table. The
+    // cache is read, and on a miss the pair's head and hash taken and its slot fetched, before the
+    // arrays shift, so that the two lookups' waits overlap the shift and each other.
+    PairCache::Entry* const pairs = pair_cache_for(uid_).e;
     struct Key {
         uint64_t head = 0, hash = 0;
-        uint32_t from = 0, len = 0;  // len 0: no such pair
+        uint32_t from = 0, len = 0;  // len 0: no such pair, or its rank known (`rank`)
+        Rank a = 0, b = 0, rank = kNoRank;
+        PairCache::Entry* entry = nullptr;  // where the pair's rank goes once looked up
     };
     const size_t max_len = table_.max_len();
-    auto key_of = [&](uint32_t from, uint32_t to) {
+    auto key_of = [&](uint32_t from, uint32_t to, Rank a, Rank b) {
         Key k;
+        PairCache::Entry* e = pairs + PairCache::slot(a, b);
+        if (e->a == a && e->b == b) {
+            k.rank = e->rank;
+            return k;
+        }
+        k.a = a;
+        k.b = b;
+        k.entry = e;
         k.from = from;
         k.len = to - from;
         if (k.len > max_len) {
@@ -873,7 +919,10 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
         return k;
     };
     auto rank_of = [&](const Key& k) {
-        return k.len ? table_.find_hashed(p + k.from, k.len, k.head, k.hash) : kNoRank;
+        if (!k.entry) return k.rank;
+        const Rank r = k.len ? table_.find_hashed(p + k.from, k.len, k.head, k.hash) : kNoRank;
+        *k.entry = PairCache::Entry{k.a, k.b, r, 0};
+        return r;
     };
     for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair2_[size_t(p[i]) << 8 | p[i + 1]];
     rk[n - 1] = kNoRank;
@@ -885,8 +934,8 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
         const size_t bi = size_t(uint32_t(low));
         if (best == kNoRank) break;
         // the merged part is [st[bi], st[bi + 2]); its pairs with the parts either side
-        const Key right = bi + 3 < cnt ? key_of(st[bi], st[bi + 3]) : Key{};
-        const Key left = bi > 0 ? key_of(st[bi - 1], st[bi + 2]) : Key{};
+        const Key right = bi + 3 < cnt ? key_of(st[bi], st[bi + 3], best, part[bi + 2]) : Key{};
+        const Key left = bi > 0 ? key_of(st[bi - 1], st[bi + 2], part[bi - 1], best) : Key{};
         shift_down(st, bi + 1, cnt - 1);
         shift_down(rk, bi + 1, cnt - 2);
         shift_down(part, bi + 1, cnt - 2);
