@@ -892,8 +892,8 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
     PairCache::Entry* const pairs = pair_cache_for(uid_).e;
     struct Key {
         uint64_t head = 0, hash = 0;
-        uint32_t from = 0, len = 0;  // len 0: no such pair, or its rank known (`rank`)
-        Rank a = 0, b = 0, rank = kNoRank;
+        uint32_t from = 0, len = 0;  // len 0: too long to be a token
+        Rank a = 0, b = 0, rank = kNoRank;  // rank: the answer, where entry is null (a cache hit, or no pair)
         PairCache::Entry* entry = nullptr;  // where the pair's rank goes once looked up
     };
     const size_t max_len = table_.max_len();
@@ -1300,10 +1300,12 @@ struct KeyMasks {
 };
 constexpr KeyMasks kKeyMasks;
 
-// The key of a piece of 1 to 15 bytes at p (`end`: the end of the text, which a load may not pass).
+// The key of a piece of 1 to 15 bytes at p (`end`: the end of the text, which a load may not pass;
+// kInText: the caller knows that 16 bytes from p are inside the text).
+template <bool kInText = false>
 inline void small_key(const uint8_t* p, size_t n, const uint8_t* end, uint64_t* k0, uint64_t* k1) {
     uint64_t a, b;
-    if (__builtin_expect(size_t(end - p) >= 16, 1)) {
+    if (kInText || __builtin_expect(size_t(end - p) >= 16, 1)) {
         std::memcpy(&a, p, 8);
         std::memcpy(&b, p + 8, 8);
     } else {
@@ -1536,15 +1538,7 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
         pc.len = uint32_t(len);
         pos = e;
         if (__builtin_expect(len <= 15, 1)) {
-            if (decltype(in_text)::value) {
-                uint64_t a, b;
-                std::memcpy(&a, p, 8);
-                std::memcpy(&b, p + 8, 8);
-                pc.k0 = a & kKeyMasks.lo[len];
-                pc.k1 = (b & kKeyMasks.hi[len]) | (uint64_t(len) << 56);
-            } else {
-                small_key(p, len, end, &pc.k0, &pc.k1);
-            }
+            small_key<decltype(in_text)::value>(p, len, end, &pc.k0, &pc.k1);
             pc.at = table + (small_slot(pc.k0, pc.k1, shift) << 1);
 #if defined(__SSE2__)
             _mm_prefetch(reinterpret_cast<const char*>(pc.at), _MM_HINT_T1);

@@ -159,17 +159,17 @@ int main(int argc, char** argv) {
             "\r", "\x0b", "'", "'", "?", "!", ".", "_", "-", "\xc3\xa9", "\xe6\x97\xa5", "\xc2\xa0",
             "\xe2\x80\xa8", "\x85", "\xff", "\x1c", std::string(1, '\0')};
         size_t rbad = 0;
+        auto check = [&](const std::string& t) {  // counts a text whose pieces differ; shows the first few
+            if (same_pieces(t) || ++rbad >= 5) return;
+            std::fprintf(stderr, "random text differs:");
+            for (unsigned char c : t) std::fprintf(stderr, " %02x", c);
+            std::fprintf(stderr, "\n");
+        };
         for (int k = 0; k < 300000; ++k) {
             const size_t len = rng() % 300;
             std::string t;
             while (t.size() < len) t += alphabet[rng() % alphabet.size()];
-            if (!same_pieces(t)) {
-                if (++rbad < 5) {
-                    std::fprintf(stderr, "random text differs:");
-                    for (unsigned char c : t) std::fprintf(stderr, " %02x", c);
-                    std::fprintf(stderr, "\n");
-                }
-            }
+            check(t);
         }
         // mostly ASCII, so that blocks chain and resume after the odd longer character
         const std::string ascii = "aaaabcdeeeeillmmrrssttvvXZ0099      \n\n\t\r\x0b\x0c\x1c\x1f'''''?!.-_#";
@@ -183,44 +183,29 @@ int main(int argc, char** argv) {
                 else
                     t += ascii[rng() % ascii.size()];
             }
-            if (!same_pieces(t)) {
-                if (++rbad < 5) {
-                    std::fprintf(stderr, "random text differs:");
-                    for (unsigned char c : t) std::fprintf(stderr, " %02x", c);
-                    std::fprintf(stderr, "\n");
-                }
-            }
+            check(t);
         }
         // mostly longer characters, so that they cross block boundaries: letters, marks and digits of
-        // 2 and 3 bytes, whitespace that is not ASCII, 4-byte characters and bytes that are not UTF-8
-        const std::vector<std::string> wide = {
+        // 2 and 3 bytes, which the blocks read, and what they leave to piece_end (whitespace that is
+        // not ASCII, 4-byte characters, bytes that are not UTF-8)
+        const std::vector<std::string> in_blocks = {
             "\xd0\xbf", "\xd1\x80", "\xd0\x98", "\xd2\x82", "\xd2\x83", "\xd9\xa3", "\xc2\xb2", "\xc2\xab",
             "\xc3\xa9", "\xe0\xa4\x95", "\xe0\xa4\xbf", "\xe0\xa5\xa6", "\xe2\x80\x9c", "\xe2\x80\x94",
-            "\xe6\x97\xa5", "\xef\xbc\x91", "\xe3\x80\x80", "\xc2\xa0", "\xc2\x85", "\xe2\x80\xa8",
-            "\xf0\x9f\x98\x80", "\xc0\x80", "\xe0\x80\x80", "\xed\xa0\x80", "\xe6\x97", "\xe6", "\xd0",
-            "\x85", "\xbf", "\xf5", "\xff", "a", "s", "'", "'", "7", " ", " ", " ", "\n", ".", "-"};
+            "\xe6\x97\xa5", "\xef\xbc\x91", "a", "s", "'", "'", "7", " ", " ", " ", "\n", ".", "-"};
+        const std::vector<std::string> left_out = {
+            "\xe3\x80\x80", "\xc2\xa0", "\xc2\x85", "\xe2\x80\xa8", "\xf0\x9f\x98\x80", "\xc0\x80", "\xe0\x80\x80",
+            "\xed\xa0\x80", "\xe6\x97", "\xe6", "\xd0", "\x85", "\xbf", "\xf5", "\xff"};
         for (int k = 0; k < 300000; ++k) {
             const size_t len = rng() % 500;
-            // 0: any; 1: no 4-byte character, byte that is not UTF-8 or whitespace that is not ASCII;
-            // 2: those rarely, so that they fall inside blocks that are read (at their ends too)
-            const unsigned clean = unsigned(rng() % 3);
+            // the share of left_out: as many as the others, none, or rarely (so that such bytes fall
+            // inside blocks that are read, at their ends too)
+            const unsigned mix = unsigned(rng() % 3);
             std::string t;
             while (t.size() < len) {
-                const std::string& w = wide[rng() % wide.size()];
-                if (clean && !(clean == 2 && rng() % 40 == 0) && (w[0] == '\xf0' || (w.size() == 1 && (w[0] & 0x80)) || w == "\xc0\x80" ||
-                                            w == "\xe0\x80\x80" || w == "\xed\xa0\x80" || w == "\xe6\x97" ||
-                                            w == "\xe3\x80\x80" || w == "\xc2\xa0" || w == "\xc2\x85" ||
-                                            w == "\xe2\x80\xa8"))
-                    continue;
-                t += w;
+                const bool out = mix == 0 ? rng() % 3 == 0 : mix == 2 && rng() % 40 == 0;
+                t += out ? left_out[rng() % left_out.size()] : in_blocks[rng() % in_blocks.size()];
             }
-            if (!same_pieces(t)) {
-                if (++rbad < 5) {
-                    std::fprintf(stderr, "random text differs:");
-                    for (unsigned char c : t) std::fprintf(stderr, " %02x", c);
-                    std::fprintf(stderr, "\n");
-                }
-            }
+            check(t);
         }
         std::printf("random: %zu texts differ\n", rbad);
         return bad || rbad;
