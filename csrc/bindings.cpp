@@ -498,33 +498,59 @@ class PyEncoder {
         return to_list(out);
     }
 
+    // Whether `s` holds the text of any special token (which encode, by default, refuses).
+    bool holds_special(std::string_view s) const {
+        for (const auto& sp : enc_->specials())
+            if (s.find(sp.first) != std::string_view::npos) return true;
+        return false;
+    }
+
+    // encode(text) with its defaults (no special token allowed, all of them refused), for the
+    // Python class's quick path: the ids, or None where the text holds a special token (the
+    // caller then takes its full path, which raises the error).
+    py::object encode_plain(const py::handle& text) const {
+        std::string_view s = utf8_of(text.ptr());
+        if (holds_special(s)) return py::none();
+        KeepTrim after;
+        size_t n;
+        const Rank* ids = encode_kept(s, &n);
+        return to_list(ids, n);
+    }
+    py::object encode_to_numpy_plain(const py::handle& text) const {
+        std::string_view s = utf8_of(text.ptr());
+        if (holds_special(s)) return py::none();
+        return ordinary_array(s);
+    }
+
+    // The ids of `s`, special tokens as ordinary text, as a numpy array. A text that the thread's
+    // kept buffer holds is encoded there and copied into a block of the ids' own size (a quarter of
+    // the worst case, one id a byte, which would often be fresh pages to fault in); a longer one
+    // goes straight into a worst-case block, trimmed after.
+    py::array_t<uint32_t> ordinary_array(std::string_view s) const {
+        if (s.size() + Encoder::kOutSlack <= kKeepMax) {
+            KeepTrim after;
+            size_t n;
+            const Rank* ids = encode_kept(s, &n);
+            Rank* data = static_cast<Rank*>(std::malloc(std::max<size_t>(n, 1) * sizeof(Rank)));
+            if (!data) throw std::bad_alloc();
+            std::memcpy(data, ids, n * sizeof(Rank));
+            py::capsule owner(data, [](void* p) { std::free(p); });
+            return py::array_t<uint32_t>({py::ssize_t(n)}, {py::ssize_t(sizeof(Rank))}, data, owner);
+        }
+        IdBuffer buf(s.size());
+        {
+            py::gil_scoped_release nogil;
+            buf.n = enc_->encode_ordinary_into(s, buf.ids);
+        }
+        Rank* data = buf.release_trimmed();
+        py::capsule owner(data, [](void* p) { std::free(p); });
+        return py::array_t<uint32_t>({py::ssize_t(buf.n)}, {py::ssize_t(sizeof(Rank))}, data, owner);
+    }
+
     py::array_t<uint32_t> encode_to_numpy(const py::handle& text, const py::object& allowed) const {
         std::string_view s = utf8_of(text.ptr());
         std::vector<bool> mask = allowed_mask(allowed);
-        if (std::find(mask.begin(), mask.end(), true) == mask.end()) {
-            // No special token to look for. A text that the thread's kept buffer holds is encoded
-            // there and copied into a block of the ids' own size (a quarter of the worst case, one id
-            // a byte, which would often be fresh pages to fault in); a longer one goes straight into
-            // a worst-case block, trimmed after.
-            if (s.size() + Encoder::kOutSlack <= kKeepMax) {
-                KeepTrim after;
-                size_t n;
-                const Rank* ids = encode_kept(s, &n);
-                Rank* data = static_cast<Rank*>(std::malloc(std::max<size_t>(n, 1) * sizeof(Rank)));
-                if (!data) throw std::bad_alloc();
-                std::memcpy(data, ids, n * sizeof(Rank));
-                py::capsule owner(data, [](void* p) { std::free(p); });
-                return py::array_t<uint32_t>({py::ssize_t(n)}, {py::ssize_t(sizeof(Rank))}, data, owner);
-            }
-            IdBuffer buf(s.size());
-            {
-                py::gil_scoped_release nogil;
-                buf.n = enc_->encode_ordinary_into(s, buf.ids);
-            }
-            Rank* data = buf.release_trimmed();
-            py::capsule owner(data, [](void* p) { std::free(p); });
-            return py::array_t<uint32_t>({py::ssize_t(buf.n)}, {py::ssize_t(sizeof(Rank))}, data, owner);
-        }
+        if (std::find(mask.begin(), mask.end(), true) == mask.end()) return ordinary_array(s);  // none to look for
         auto* out = new std::vector<Rank>();
         {
             py::gil_scoped_release nogil;
@@ -783,6 +809,8 @@ PYBIND11_MODULE(_bpe, m) {
         .def("encode_ordinary", &PyEncoder::encode_ordinary)
         .def("encode", &PyEncoder::encode, py::arg("text"), py::arg("allowed"))
         .def("encode_to_numpy", &PyEncoder::encode_to_numpy, py::arg("text"), py::arg("allowed"))
+        .def("encode_plain", &PyEncoder::encode_plain, py::arg("text"))
+        .def("encode_to_numpy_plain", &PyEncoder::encode_to_numpy_plain, py::arg("text"))
         .def("encode_batch", &PyEncoder::encode_batch, py::arg("texts"), py::arg("allowed"), py::arg("num_threads"))
         .def("count_ordinary", &PyEncoder::count_ordinary)
         .def("encode_single_piece", &PyEncoder::encode_single_piece)

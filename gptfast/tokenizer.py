@@ -252,6 +252,12 @@ def _gpt2_core(impl: str):
     return None, _parse_tiktoken(data, _R50K_FILE), specials
 
 
+# The default of ``allowed_special``: no special token allowed. A call that leaves it (and
+# ``disallowed_special``) as they are is checked for special tokens by the C++ core, in the same
+# call that encodes the text. Never changed.
+_NONE_ALLOWED: AbstractSet[str] = set()
+
+
 class Tokenizer:
     """A byte-pair-encoding tokenizer with the API of ``tiktoken.Encoding``.
 
@@ -547,7 +553,7 @@ class Tokenizer:
     def _mask(self, allowed: set[str]):
         return [s in allowed for s, _ in self._core.specials] if allowed else None
 
-    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = set(),
+    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = _NONE_ALLOWED,
                disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
         """Encode ``text``; special tokens follow tiktoken's rules.
 
@@ -560,6 +566,12 @@ class Tokenizer:
         >>> tok.encode("hi<|endoftext|>", disallowed_special=())
         [5303, 27, 91, 437, 1659, 5239, 91, 29]
         """
+        if allowed_special is _NONE_ALLOWED and disallowed_special == "all" and self._core is not None \
+                and type(text) is str:
+            # the defaults, checked and encoded in one call; None where the text holds a special token
+            ids = _on_core(self._core.encode_plain, text)
+            if ids is not None:
+                return ids
         allowed = self._allowed(text, allowed_special, disallowed_special)
         if self._core is not None:
             return _on_core(self._core.encode, text, self._mask(allowed))
@@ -573,13 +585,18 @@ class Tokenizer:
                 ids.append(self._specials[special])
         return ids
 
-    def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = set(),
+    def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = _NONE_ALLOWED,
                         disallowed_special: Literal["all"] | Collection[str] = "all"):
         """Like :meth:`encode`, as a ``numpy.uint32`` array (no Python list in between).
 
         >>> Tokenizer.gpt2().encode_to_numpy("hello world")
         array([31373,   995], dtype=uint32)
         """
+        if allowed_special is _NONE_ALLOWED and disallowed_special == "all" and self._core is not None \
+                and type(text) is str:
+            ids = _on_core(self._core.encode_to_numpy_plain, text)
+            if ids is not None:
+                return ids
         allowed = self._allowed(text, allowed_special, disallowed_special)
         if self._core is not None:
             return _on_core(self._core.encode_to_numpy, text, self._mask(allowed))

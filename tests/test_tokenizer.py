@@ -153,6 +153,43 @@ def test_several_special_tokens_leftmost_longest():
             assert one.encode(text, allowed_special="all") == tiktoken_enc.encode(text, allowed_special="all")
 
 
+def test_default_arguments_refuse_special_tokens_anywhere(enc, fast, ref):
+    # Left at their defaults, encode and encode_to_numpy look for the special tokens in the same
+    # call that encodes (on the fast engine, in C++): the result and the error must be tiktoken's,
+    # wherever the token is, whatever the string's width, and for text that only nearly holds one.
+    class Str(str):
+        pass
+
+    eot = "<|endoftext|>"
+    near = ["<|endoftext|", "|endoftext|>", "<|endoftext |>", "<|ENDOFTEXT|>", "<<|endoftext||>>"[:-3]]
+    for tok in (fast, ref):
+        for body in ("plain ascii " * 700, "café " * 700, "日本語 " * 700, "emoji 😀 " * 700):
+            for text in [body + n for n in near] + [body]:
+                assert tok.encode(text) == enc.encode(text)
+                assert tok.encode_to_numpy(text).tolist() == enc.encode_to_numpy(text).tolist()
+            for at in (0, len(body) // 2, len(body)):
+                text = body[:at] + eot + body[at:]
+                for call in (tok.encode, tok.encode_to_numpy, lambda t: tok.encode(Str(t))):
+                    with pytest.raises(ValueError, match="disallowed special token"):
+                        call(text)
+                with pytest.raises(ValueError):
+                    enc.encode(text)
+        # a lone surrogate is replaced as tiktoken does, and a special token beside it still refused
+        assert tok.encode("a\udc80b") == enc.encode("a\udc80b")
+        assert tok.encode_to_numpy("a\udc80b").tolist() == enc.encode("a\udc80b")  # (tiktoken's own raises)
+        with pytest.raises(ValueError, match="disallowed special token"):
+            tok.encode("a\udc80" + eot)
+        assert tok.encode(Str("hello world")) == enc.encode("hello world")
+    # several special tokens: any of them refuses the text, with the leftmost longest named
+    ranks = {bytes([b]): b for b in range(256)}
+    several = Tokenizer(ranks, {"<a>": 256, "<a><b>": 257, "<b>": 258}, impl="fast")
+    assert several.encode("x<a b>") == [120, 60, 97, 32, 98, 62]
+    for text, name in (("xx<b>", "<b>"), ("<a>y", "<a>"), ("z<a><b>", "<a><b>")):
+        for call in (several.encode, several.encode_to_numpy):
+            with pytest.raises(ValueError, match=name):
+                call(text)
+
+
 # --------------------------------------------------------------------------- batches, decoding, errors
 
 def test_batches(enc, fast, ref):
