@@ -877,26 +877,53 @@ inline PairCache& pair_cache_for(uint64_t uid) {
 
 // The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
 // lowest rank, the leftmost such pair on ties, until no adjacent pair is a token.
-size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
+namespace {
+struct Counting {  // 0, 1, 2, ...: the boundaries of a piece's bytes before any merge
+    uint32_t v[24];
+    constexpr Counting() : v() {
+        for (uint32_t i = 0; i < 24; ++i) v[i] = i;
+    }
+};
+constexpr Counting kCounting;
+
+// The merge rule on p[0, n) into `out` (room for n ids); returns the number of ids. kShort: n is at
+// most 15, and `key` holds the piece's bytes, zero-padded, in its first 15 bytes.
+template <bool kShort>
+size_t merge_rule(const RankTable& table, const Rank* byte_rank, const Rank* pair2, PairCache::Entry* pairs,
+                  const uint8_t* p, size_t n, const uint64_t* key, Rank* out) {
     static_assert(sizeof(Rank) == sizeof(uint32_t), "shift_down moves 32-bit elements");
-    constexpr size_t kRoom = kSmallPiece + 8;  // shift_down's whole steps stay inside
+    constexpr size_t kRoom = (kShort ? 16 : kSmallPiece) + 8;  // shift_down's whole steps stay inside
     uint32_t st[kRoom];  // part i is [st[i], st[i+1])
     Rank rk[kRoom];      // rk[i]: rank of parts i and i+1 joined
     Rank part[kRoom];    // rank of part i
     size_t cnt = n + 1;  // boundaries
-    for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
-    for (size_t i = 0; i < n; ++i) part[i] = byte_rank_[p[i]];
+    if constexpr (kShort) {
+        // A piece of up to 15 bytes is set up from its key (its bytes, zero-padded, in 16), in loops
+        // of a fixed count: loops of n steps would each end on a mispredicted branch.
+        uint8_t b[17];
+        std::memcpy(b, key, 16);
+        b[16] = 0;
+        static_assert(sizeof st == sizeof kCounting.v, "the short arrays' room");
+        std::memcpy(st, kCounting.v, sizeof st);
+        for (size_t i = 0; i < 16; ++i) part[i] = byte_rank[b[i]];
+        for (size_t i = 0; i < 16; ++i) {
+            const Rank r = pair2[size_t(b[i]) << 8 | b[i + 1]];
+            rk[i] = i + 1 < n ? r : kNoRank;
+        }
+    } else {
+        for (size_t i = 0; i <= n; ++i) st[i] = uint32_t(i);
+        for (size_t i = 0; i < n; ++i) part[i] = byte_rank[p[i]];
+    }
     // A pair that a merge makes is 3 bytes or more: its rank is in the pair cache or the table. The
     // cache is read, and on a miss the pair's head and hash taken and its slot fetched, before the
     // arrays shift, so that the two lookups' waits overlap the shift and each other.
-    PairCache::Entry* const pairs = pair_cache_for(uid_).e;
     struct Key {
         uint64_t head = 0, hash = 0;
         uint32_t from = 0, len = 0;  // len 0: too long to be a token
         Rank a = 0, b = 0, rank = kNoRank;  // rank: the answer, where entry is null (a cache hit, or no pair)
         PairCache::Entry* entry = nullptr;  // where the pair's rank goes once looked up
     };
-    const size_t max_len = table_.max_len();
+    const size_t max_len = table.max_len();
     auto key_of = [&](uint32_t from, uint32_t to, Rank a, Rank b) {
         Key k;
         PairCache::Entry* e = pairs + PairCache::slot(a, b);
@@ -915,17 +942,19 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
         }
         k.head = RankTable::key_head(p + from, k.len);
         k.hash = RankTable::key_hash(p + from, k.len, k.head);
-        table_.prefetch(k.hash);
+        table.prefetch(k.hash);
         return k;
     };
     auto rank_of = [&](const Key& k) {
         if (!k.entry) return k.rank;
-        const Rank r = k.len ? table_.find_hashed(p + k.from, k.len, k.head, k.hash) : kNoRank;
+        const Rank r = k.len ? table.find_hashed(p + k.from, k.len, k.head, k.hash) : kNoRank;
         *k.entry = PairCache::Entry{k.a, k.b, r, 0};
         return r;
     };
-    for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair2_[size_t(p[i]) << 8 | p[i + 1]];
-    rk[n - 1] = kNoRank;
+    if constexpr (!kShort) {
+        for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair2[size_t(p[i]) << 8 | p[i + 1]];
+        rk[n - 1] = kNoRank;
+    }
     while (cnt > 2) {
         // the lowest (rank, position), without a branch on each compare: rank above, position below
         uint64_t low = ~uint64_t(0);
@@ -946,6 +975,15 @@ size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
     }
     std::memcpy(out, part, (cnt - 1) * sizeof(Rank));
     return cnt - 1;
+}
+}  // namespace
+
+size_t Encoder::merge_small(const uint8_t* p, size_t n, Rank* out) const {
+    return merge_rule<false>(table_, byte_rank_, pair2_.data(), pair_cache_for(uid_).e, p, n, nullptr, out);
+}
+
+size_t Encoder::merge_short(const uint8_t* p, size_t n, const uint64_t* key, Rank* out) const {
+    return merge_rule<true>(table_, byte_rank_, pair2_.data(), pair_cache_for(uid_).e, p, n, key, out);
 }
 
 void Encoder::bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const {
@@ -1429,7 +1467,8 @@ size_t Encoder::encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint6
         small_store(sc, b, k0, k1, p, n, o, 1, byte_rank_);
         return 1;
     }
-    const size_t k = merge_small(p, n, o);
+    const uint64_t key[2] = {k0, k1};
+    const size_t k = merge_short(p, n, key, o);
     if (!small_store(sc, b, k0, k1, p, n, o, k, byte_rank_)) {
         small_store_far(b, k0, k1);
         store(c.piece, c.piece.set_of(hash), p, n, o, k);

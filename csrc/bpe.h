@@ -178,6 +178,9 @@ class Encoder {
     void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
     // The same into `out` (room for n ids); returns the number of ids.
     size_t merge_small(const uint8_t* p, size_t n, Rank* out) const;
+    // The same for a piece of up to 15 bytes, given its key (`key[0, 2)`: its bytes, zero-padded to 15,
+    // then its length; bpe.cpp's small_key).
+    size_t merge_short(const uint8_t* p, size_t n, const uint64_t* key, Rank* out) const;
     // A piece of up to 15 bytes that the first level of the cache does not hold (bpe.cpp).
     // `caches`: the calling thread's two cache levels (bpe.cpp's Caches), looked up once per call
     // of the encoder rather than once per piece.
