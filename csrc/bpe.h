@@ -186,7 +186,7 @@ class Encoder {
     // of the encoder rather than once per piece.
     size_t encode_small_miss(const uint8_t* p, size_t n, uint64_t k0, uint64_t k1, void* bucket, const void* caches,
                              Rank* o) const;
-    size_t encode_small_far(const uint8_t* p, size_t n, const void* caches, Rank* o) const;
+    size_t encode_small_far(const uint8_t* p, size_t n, const uint64_t* key, const void* caches, Rank* o) const;
     void bpe_large(const uint8_t* p, size_t n, std::vector<Rank>& out) const;   // dispatches to one of:
     void bpe_heap(const uint8_t* p, size_t n, std::vector<Rank>& out) const;    // the merge rule, O(n log n)
     // Left to right with backtracking, in near-linear time and cache order (backtrack.cpp).
