@@ -1179,6 +1179,66 @@ struct PieceCache {
 
 std::atomic<size_t> g_cache_sets{PieceCache::kDefaultSets};
 thread_local PieceCache t_cache;
+
+// The cache's third level: pieces of 16 to 128 bytes that the second does not hold (longer than its
+// keys, or more ids than its entries): long words of scripts whose letters are two or three bytes,
+// runs of CJK text, long runs of punctuation. They are few, but each costs a merge of dozens of
+// bytes. Direct-mapped by the piece's hash; a slot points into an arena that holds the piece's
+// bytes (compared whole, so a hit is the piece's own) and then its ids. When the arena is full, the
+// level is emptied and starts again. Bound: LongCache::kBytes on each thread that meets such a piece.
+struct LongCache {
+    static constexpr unsigned kBits = 12;               // slots
+    static constexpr size_t kArena = size_t(1) << 20;  // bytes of pieces and ids
+    struct Slot {
+        uint64_t hash;
+        uint32_t at;               // the piece's bytes in the arena, then its ids (4 bytes each)
+        uint16_t len = 0, n_ids;  // len 0: empty
+    };
+    static constexpr size_t kBytes = (size_t(1) << kBits) * sizeof(Slot) + kArena;
+    std::unique_ptr<Slot[]> slots;
+    std::unique_ptr<uint8_t[]> arena;
+    size_t used = 0;
+    uint64_t owner = 0;
+
+    Slot& slot_of(uint64_t hash) { return slots[hash >> (64 - kBits)]; }
+    void empty() {
+        for (size_t i = 0; i < (size_t(1) << kBits); ++i) slots[i].len = 0;
+        used = 0;
+    }
+    // The ids of p[0, n) appended to out; false where the level does not hold the piece.
+    bool find(const uint8_t* p, size_t n, uint64_t hash, std::vector<Rank>& out) {
+        const Slot& sl = slot_of(hash);
+        if (sl.len != n || sl.hash != hash || std::memcmp(arena.get() + sl.at, p, n) != 0) return false;
+        const size_t at = out.size();
+        out.resize(at + sl.n_ids);
+        std::memcpy(out.data() + at, arena.get() + sl.at + n, sl.n_ids * sizeof(Rank));
+        return true;
+    }
+    void store(const uint8_t* p, size_t n, uint64_t hash, const Rank* ids, size_t k) {
+        const size_t need = n + k * sizeof(Rank);
+        if (k > 0xFFFF || need > kArena) return;
+        if (used + need > kArena) empty();
+        std::memcpy(arena.get() + used, p, n);
+        std::memcpy(arena.get() + used + n, ids, k * sizeof(Rank));
+        slot_of(hash) = Slot{hash, uint32_t(used), uint16_t(n), uint16_t(k)};
+        used += need;
+    }
+};
+thread_local LongCache t_long;
+
+inline LongCache& long_cache_for(uint64_t uid) {
+    LongCache& c = t_long;
+    if (!c.slots) {
+        c.slots.reset(new LongCache::Slot[size_t(1) << LongCache::kBits]);
+        c.arena.reset(new uint8_t[LongCache::kArena]);
+        c.owner = 0;
+    }
+    if (c.owner != uid) {
+        c.empty();
+        c.owner = uid;
+    }
+    return c;
+}
 }  // namespace
 
 void Encoder::set_piece_cache_sets(size_t sets) {
@@ -1196,7 +1256,7 @@ inline size_t first_level_buckets(size_t sets) { return 2 * sets; }
 
 size_t Encoder::piece_cache_bytes() {
     const size_t sets = g_cache_sets;
-    return second_level_sets(sets) * 2 * sizeof(PieceCache::Entry) + first_level_buckets(sets) * 64;
+    return second_level_sets(sets) * 2 * sizeof(PieceCache::Entry) + first_level_buckets(sets) * 64 + LongCache::kBytes;
 }
 
 namespace {
@@ -1271,9 +1331,19 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<Rank>& out) c
         if (r != kNoRank) return out.push_back(r);
         return bpe_small(p, n, out);
     }
-    if (n > PieceCache::kKey && n > table_.max_len()) return n <= kSmallPiece ? bpe_small(p, n, out) : bpe_large(p, n, out);
     const uint64_t head = RankTable::key_head(p, n);
+    if (n > PieceCache::kKey && n > table_.max_len())
+        return n <= kSmallPiece ? encode_long(p, n, RankTable::key_hash(p, n, head), out) : bpe_large(p, n, out);
     encode_hashed(p, n, head, RankTable::key_hash(p, n, head), out);
+}
+
+// A piece of up to kSmallPiece bytes that is no token and that the second level does not hold.
+void Encoder::encode_long(const uint8_t* p, size_t n, uint64_t h, std::vector<Rank>& out) const {
+    LongCache& c = long_cache_for(uid_);
+    if (c.find(p, n, h, out)) return;
+    const size_t before = out.size();
+    bpe_small(p, n, out);
+    c.store(p, n, h, out.data() + before, out.size() - before);
 }
 
 // A piece of 3 or more bytes, short enough for the table or the cache, with its hash.
@@ -1282,13 +1352,25 @@ void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
         Rank r = table_.find_hashed(p, n, head, h);
         if (r != kNoRank) return out.push_back(r);
     }
-    if (n > PieceCache::kKey) return n <= kSmallPiece ? bpe_small(p, n, out) : bpe_large(p, n, out);
+    if (n > PieceCache::kKey) return n <= kSmallPiece ? encode_long(p, n, h, out) : bpe_large(p, n, out);
     PieceCache& cache = cache_for(uid_, n_vocab_);
     PieceCache::Entry* set = cache.set_of(h);
     if (const PieceCache::Entry* e = find_in(set, p, n)) return emit(cache, *e, out);
+    if (n <= 15) {  // (reached only by encode(); the first level holds such pieces for encode_ordinary)
+        const size_t before = out.size();
+        bpe_small(p, n, out);
+        store(cache, set, p, n, out.data() + before, out.size() - before);
+        return;
+    }
+    LongCache& lc = long_cache_for(uid_);
+    if (lc.find(p, n, h, out)) return;
     const size_t before = out.size();
     bpe_small(p, n, out);
-    store(cache, set, p, n, out.data() + before, out.size() - before);
+    const size_t k = out.size() - before;
+    if (k <= cache.max_tokens)
+        store(cache, set, p, n, out.data() + before, k);
+    else
+        lc.store(p, n, h, out.data() + before, k);
 }
 
 namespace {

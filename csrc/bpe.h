@@ -176,6 +176,8 @@ class Encoder {
   private:
     void encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t hash, std::vector<Rank>& out) const;
     void bpe_small(const uint8_t* p, size_t n, std::vector<Rank>& out) const;
+    // A piece of up to 128 bytes, through the cache's third level (bpe.cpp's LongCache), with its hash.
+    void encode_long(const uint8_t* p, size_t n, uint64_t hash, std::vector<Rank>& out) const;
     // The same into `out` (room for n ids); returns the number of ids.
     size_t merge_small(const uint8_t* p, size_t n, Rank* out) const;
     // The same for a piece of up to 15 bytes, given its key (`key[0, 2)`: its bytes, zero-padded to 15,

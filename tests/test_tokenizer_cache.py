@@ -1,11 +1,12 @@
 """The C++ core's piece cache: exact whatever its size, and bounded in memory.
 
-Each thread that encodes keeps a two-level cache from piece bytes to token ids (csrc/bpe.cpp): a
-first level of 3-15 byte pieces of up to 7 tokens (3 where ids pass 2**16), and a second of pieces
-up to 30 bytes and 16 tokens (8). Keys are compared whole, so a hit is always the piece's own
-encoding. These tests shrink it through the test hook so that every piece collides and evicts
-another, and check the ids against tiktoken; and check that its memory stays at its fixed bound on a
-text of millions of distinct words.
+Each thread that encodes keeps a cache from piece bytes to token ids in three levels (csrc/bpe.cpp):
+a first of pieces of up to 15 bytes and 7 tokens (3 where ids pass 2**16), a second of pieces up to
+30 bytes and 16 tokens (8), and a third of pieces up to 128 bytes that the second does not hold.
+Keys are compared whole, so a hit is always the piece's own encoding. These tests shrink the first
+two through the test hook so that every piece collides and evicts another, fill the third past its
+arena so that it is emptied again and again, and check the ids against tiktoken; and check that the
+memory stays at its fixed bound on a text of millions of distinct words.
 """
 
 import contextlib
@@ -51,8 +52,11 @@ def _texts(seed=0):
 
 def test_the_default_size_and_its_bound():
     assert _bpe._piece_cache_sets() == DEFAULT_SETS
-    # the first level: 2 buckets a set, each 2 entries of 32 bytes; the second: half a set of 2 entries of 64
-    assert _bpe.piece_cache_bytes() == DEFAULT_SETS * (2 * 2 * 32) + DEFAULT_SETS // 2 * (2 * 64) == 24 * 2**20
+    # the first level: 2 buckets a set, each 2 entries of 32 bytes; the second: half a set of 2 entries
+    # of 64; the third: 4096 slots of 16 bytes and an arena of 1 MiB
+    third = 4096 * 16 + 2**20
+    assert _bpe.piece_cache_bytes() == DEFAULT_SETS * (2 * 2 * 32) + DEFAULT_SETS // 2 * (2 * 64) + third
+    assert _bpe.piece_cache_bytes() == 24 * 2**20 + third
 
 
 @pytest.mark.parametrize("sets", [1, 2, 3, 64, DEFAULT_SETS])
@@ -68,6 +72,33 @@ def test_any_cache_size_gives_tiktokens_ids(enc, sets):
             assert tok.encode_to_numpy(text).tolist() == want
         assert tok.encode_ordinary_batch(_texts(sets + 100), num_threads=2) == \
             enc.encode_ordinary_batch(_texts(sets + 100), num_threads=2)
+
+
+def test_long_pieces_through_the_third_level_give_tiktokens_ids(enc):
+    # Pieces of 16-128 bytes that the second level cannot hold: words longer than 30 bytes, and
+    # shorter ones of more than 16 tokens. Enough distinct ones (about 5 MB of pieces and ids) that
+    # the third level's 1 MiB arena fills and is emptied several times, and its 4096 slots collide;
+    # each text is encoded twice (the second pass hits what the first left) and checked whole.
+    rng = random.Random(5)
+    alphabets = ["абвгдежзиклмнопрстуфхцчшщыэюя", "αβγδεζηθικλμνξοπρστυφχψω", "日本語中文字漢字仮名平片",
+                 "😀🎉🚀🌍👍🔥", "abcdefghijklmnopqrstuvwxyz"]
+
+    def word():
+        a = rng.choice(alphabets)
+        return "".join(rng.choice(a) for _ in range(rng.randint(8, 60 if a[0] == "a" else 30)))
+
+    tok = Tokenizer.gpt2(impl="fast")
+    seen_long = 0
+    for _ in range(12):
+        words = [word() for _ in range(3000)]
+        seen_long += sum(16 <= len(w.encode()) <= 128 for w in words)
+        text = " ".join(words + rng.sample(words, 1000))  # repeats within a text, too
+        want = enc.encode_ordinary(text)
+        assert tok.encode_ordinary(text) == want
+        assert tok.encode_ordinary(text) == want
+        assert tok.encode_to_numpy(text).tolist() == want
+        assert tok.encode(text) == want
+    assert seen_long > 20_000
 
 
 def test_two_tokenizers_on_one_thread_do_not_share_entries(enc):
