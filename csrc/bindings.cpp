@@ -396,7 +396,8 @@ class PyEncoder {
     // ids -> list of the prebuilt ints. For longer lists the references are added per distinct id
     // instead of one Py_INCREF per element, which would touch a scattered int object for every token:
     // one pass counts each id (in a table the thread keeps, all zero between calls) as it fills the
-    // list, and a second adds each id's count to its int once and zeroes the count again.
+    // list, noting each id the first time it is counted (without a branch), and a second goes over
+    // the distinct ids alone, adding each one's count to its int and zeroing the count again.
     py::list to_list(const std::vector<Rank>& ids) const { return to_list(ids.data(), ids.size()); }
     py::list to_list(const Rank* ids, const size_t n) const {
         PyObject* list = PyList_New(Py_ssize_t(n));
@@ -416,24 +417,37 @@ class PyEncoder {
             }
             return py::reinterpret_steal<py::list>(list);
         }
-        thread_local std::vector<uint32_t> count;
-        if (count.size() < ints_->size()) count.assign(ints_->size(), 0);
+        thread_local std::vector<uint32_t> count, seen;
+        if (count.size() < ints_->size()) {
+            count.assign(ints_->size(), 0);
+            seen.assign(ints_->size() + 1, 0);  // (one past: written, not counted, once all are seen)
+        }
         uint32_t* c = count.data();
+        uint32_t* d = seen.data();
+        size_t distinct = 0;
+        // (each slot of `seen` is written; it advances only past an id counted for the first time)
         if (const uintptr_t base = ints_->base()) {  // one block of 32-byte ints: no table to read
             for (size_t i = 0; i < n; ++i) {
-                ++c[ids[i]];
-                items[i] = reinterpret_cast<PyObject*>(base + (uintptr_t(ids[i]) << 5));
+                const Rank id = ids[i];
+                const uint32_t k = c[id];
+                d[distinct] = id;
+                distinct += k == 0;
+                c[id] = k + 1;
+                items[i] = reinterpret_cast<PyObject*>(base + (uintptr_t(id) << 5));
             }
         } else {
             for (size_t i = 0; i < n; ++i) {
-                ++c[ids[i]];
-                items[i] = table[ids[i]];
+                const Rank id = ids[i];
+                const uint32_t k = c[id];
+                d[distinct] = id;
+                distinct += k == 0;
+                c[id] = k + 1;
+                items[i] = table[id];
             }
         }
-        for (size_t i = 0; i < n; ++i) {
-            const Rank id = ids[i];
+        for (size_t j = 0; j < distinct; ++j) {
+            const Rank id = d[j];
             const uint32_t k = c[id];
-            if (!k) continue;
             c[id] = 0;
             PyObject* o = table[id];
 #if PY_VERSION_HEX >= 0x030C0000

@@ -7,6 +7,7 @@ extension is missing.
 import contextlib
 import pickle
 import random
+import sys
 
 import pytest
 
@@ -191,6 +192,22 @@ def test_default_arguments_refuse_special_tokens_anywhere(enc, fast, ref):
 
 
 # --------------------------------------------------------------------------- batches, decoding, errors
+
+def test_long_lists_hold_one_reference_an_element(enc, fast):
+    # A list of 1024 ids or more gets its references added per distinct id, in one pass over the
+    # distinct ids: each element must still hold exactly one reference, given back when it goes.
+    text = "hello world, " * 400 + "".join(chr(0x400 + i % 64) for i in range(3000)) + " 123" * 300
+    first = fast.encode_ordinary(text)
+    assert first == enc.encode_ordinary(text) and len(first) >= 1024
+    for obj in {id(x): x for x in first}.values():
+        before = sys.getrefcount(obj)
+        if before >= 2**30:  # an immortal int (Python 3.12 and later): nothing is counted
+            continue
+        again = fast.encode_ordinary(text)
+        assert sys.getrefcount(obj) - before == sum(x is obj for x in again)
+        del again
+        assert sys.getrefcount(obj) == before
+
 
 def test_batches(enc, fast, ref):
     texts = ["hello world", "", "<|endoftext|> x", "日本語 " * 50, "a" * 300] * 5
