@@ -208,17 +208,25 @@ def time_cpu(fn: Callable[[], Any], min_time_s: float = 0.2, max_reps: int = 100
 def time_cpu_interleaved(fns: list[Callable[[], Any]], min_time_s: float = 0.2, max_rounds: int = 1000,
                          min_rounds: int = 3) -> list[float]:
     """Median milliseconds of each of ``fns``, timed in rounds of one call each (after one warm-up
-    each), until ``min_time_s`` a function has passed and at least ``min_rounds`` rounds are done."""
+    each), until ``min_time_s`` a function has passed and at least ``min_rounds`` rounds are done.
+
+    Each round starts one function further on (the first starts with ``fns[0]``, the next with
+    ``fns[1]``, ...): a call runs in the state the call before it left (the processor's caches, a
+    string's UTF-8 form that the first reader makes and later ones reuse), and no function should
+    always come first, or always after the same one."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     budget = min_time_s * len(fns)
+    n = len(fns)
     while len(times[0]) < min_rounds or (time.perf_counter() - start < budget and len(times[0]) < max_rounds):
-        for fn, ts in zip(fns, times):
+        first = len(times[0]) % n
+        for k in range(n):
+            i = (first + k) % n
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
     return [statistics.median(ts) * 1e3 for ts in times]
 
 

@@ -61,7 +61,9 @@ def test_interleaved_cases_alternate_and_keep_their_ratio():
     ms_a, ms_b = harness.time_cpu_interleaved([a.fn, b.fn], 0.05)
     assert calls[:2] == ["a", "b"]  # one warm-up call each
     timed = calls[2:]
-    assert timed[0::2] == ["a"] * (len(timed) // 2) and timed[1::2] == ["b"] * (len(timed) // 2)
+    # one call of each a round, the round starting with each in turn
+    rounds = [timed[i:i + 2] for i in range(0, len(timed), 2)]
+    assert rounds == [["a", "b"] if r % 2 == 0 else ["b", "a"] for r in range(len(rounds))]
     assert len(timed) >= 6
     assert ms_a >= 3.0 and ms_b >= 1.0 and ms_a > 1.5 * ms_b
 
@@ -69,11 +71,19 @@ def test_interleaved_cases_alternate_and_keep_their_ratio():
 def test_min_rounds_outlasts_min_time():
     calls = []
     ms = harness.time_cpu_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 0.0, min_rounds=9)
-    assert calls == ["a", "b"] * 10  # the warm-up round, then nine timed ones
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 4 + ["a", "b"]  # the warm-up round, then nine timed ones
     assert len(ms) == 2
     n = []
     harness.time_cpu(lambda: n.append(1), 0.0, min_reps=5)
     assert len(n) == 6
+
+
+def test_each_round_starts_one_further_on():
+    calls = []
+    fns = [lambda k=k: calls.append(k) for k in range(3)]
+    harness.time_cpu_interleaved(fns, 0.0, min_rounds=6)
+    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # after the warm-up round
+    assert rounds == [[0, 1, 2], [1, 2, 0], [2, 0, 1]] * 2
 
 
 def test_unknown_unit_is_rejected():
