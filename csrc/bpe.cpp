@@ -1300,6 +1300,26 @@ inline size_t emit(const PieceCache& c, const PieceCache::Entry& e, Rank* o) {
     return k;
 }
 
+// The same, writing all the ids an entry can hold whatever its count (the caller's output has room
+// for 16 ids past the piece's), without a loop over the count.
+inline size_t emit_whole(const PieceCache& c, const PieceCache::Entry& e, Rank* o) {
+    if (c.wide) {
+        std::memcpy(o, e.tokens, sizeof e.tokens);
+    } else {
+#if defined(__SSE2__)
+        const __m128i z = _mm_setzero_si128();
+        for (int j = 0; j < 2; ++j) {
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.tokens + 16 * j));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8 * j), _mm_unpacklo_epi16(v, z));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8 * j + 4), _mm_unpackhi_epi16(v, z));
+        }
+#else
+        emit(c, e, o);
+#endif
+    }
+    return e.n_tokens;
+}
+
 inline void emit(const PieceCache& c, const PieceCache::Entry& e, std::vector<Rank>& out) {
     const size_t at = out.size();
     out.resize(at + e.n_tokens);
@@ -1584,25 +1604,7 @@ size_t Encoder::encode_small_far(const uint8_t* p, size_t n, const uint64_t* key
     __asm__("" : "+r"(second));
 #endif
     const PieceCache::Entry& e = set[second];
-    if (__builtin_expect(differs(e) == 0, 1)) {
-        // all the ids an entry holds, whatever its count (the output has room past the piece's ids)
-        const size_t k = e.n_tokens;
-        if (cache.wide) {
-            std::memcpy(o, e.tokens, sizeof e.tokens);
-        } else {
-#if defined(__SSE2__)
-            const __m128i z = _mm_setzero_si128();
-            for (int j = 0; j < 2; ++j) {
-                const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.tokens + 16 * j));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8 * j), _mm_unpacklo_epi16(v, z));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8 * j + 4), _mm_unpackhi_epi16(v, z));
-            }
-#else
-            emit(cache, e, o);
-#endif
-        }
-        return k;
-    }
+    if (__builtin_expect(differs(e) == 0, 1)) return emit_whole(cache, e, o);
     const size_t k = merge_short(p, n, key, o);
     store(cache, set, p, n, o, k);
     return k;
