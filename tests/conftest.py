@@ -8,14 +8,40 @@
 * ``TIKTOKEN_CACHE_DIR`` is pointed at a cache found there (a copy, so tiktoken never writes into it),
   letting ``tiktoken.get_encoding("gpt2")`` work offline; with no cache and no network, tiktoken's
   encoder is built over the ranks the package ships instead (see ``_tiktoken_gpt2_offline``).
+* The top-level name ``kernels`` is the installed distribution of that name where there is one:
+  transformers 5.25 and later depend on Hugging Face's ``kernels`` package and import it, and with
+  the repository's root on ``sys.path`` (``python -m pytest``) this checkout's ``kernels/`` folder
+  (installed as ``gptfast.kernels``) would be found first.
 """
 
+import importlib.abc
+import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+class _InstalledKernelsFirst(importlib.abc.MetaPathFinder):
+    """Finds the top-level ``kernels`` in its installed distribution, not in the checkout's root."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "kernels":
+            return None
+        try:
+            init = pathlib.Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        if not init.is_file() or init.parent == REPO / "kernels":
+            return None
+        return importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
+
+
+sys.meta_path.insert(0, _InstalledKernelsFirst())
 
 
 def _has_cuda() -> bool:
