@@ -1376,7 +1376,7 @@ void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
     PieceCache& cache = cache_for(uid_, n_vocab_);
     PieceCache::Entry* set = cache.set_of(h);
     if (const PieceCache::Entry* e = find_in(set, p, n)) return emit(cache, *e, out);
-    if (n <= 15) {  // (reached only by encode(); the first level holds such pieces for encode_ordinary)
+    if (n <= 15) {  // (only a single piece encoded alone: the encode loop's first level holds these)
         const size_t before = out.size();
         bpe_small(p, n, out);
         store(cache, set, p, n, out.data() + before, out.size() - before);
