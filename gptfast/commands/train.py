@@ -340,6 +340,12 @@ def run(args):
                     f"{os.path.join(out, 'best')}" if config.save_best and trainer.best_step is not None else "")
             print(f"step {last['step']}: training loss {last['train_loss']:.4f}{val}; "
                   f"checkpoint {latest_checkpoint(out)}{best}")
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # every process done with its last collective before any tears the group down (gloo
+            # aborts a process whose peer closes the group while it is still sending)
+            dist.barrier()
         return 0
     except BaseException:
         if out is not None and created and rank == 0:
