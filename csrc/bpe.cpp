@@ -591,6 +591,15 @@ inline uint64_t hash_bytes(const uint8_t* p, size_t n, uint64_t head) {
     return mix(h);
 }
 
+// x, which the compiler may no longer see through: a choice computed as a value stays one (a select,
+// not a branch), where a branch on it would be mispredicted about half the time.
+inline size_t as_value(size_t x) {
+#if defined(__GNUC__)
+    __asm__("" : "+r"(x));
+#endif
+    return x;
+}
+
 // hash_bytes(p, n, load_head(p, n)) of a piece of 1 to 15 bytes, from its bytes zero-padded in two
 // words (lo: bytes 0-7, hi: bytes 8-14), without a branch on its length.
 inline uint64_t hash_short(uint64_t lo, uint64_t hi, size_t n) {
@@ -883,8 +892,6 @@ inline PairCache& pair_cache_for(uint64_t uid) {
 }
 }  // namespace
 
-// The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
-// lowest rank, the leftmost such pair on ties, until no adjacent pair is a token.
 namespace {
 struct Counting {  // 0, 1, 2, ...: the boundaries of a piece's bytes before any merge
     uint32_t v[24];
@@ -894,8 +901,10 @@ struct Counting {  // 0, 1, 2, ...: the boundaries of a piece's bytes before any
 };
 constexpr Counting kCounting;
 
-// The merge rule on p[0, n) into `out` (room for n ids); returns the number of ids. kShort: n is at
-// most 15, and `key` holds the piece's bytes, zero-padded, in its first 15 bytes.
+// The merge rule: repeatedly join the adjacent pair of parts whose concatenated bytes have the
+// lowest rank, the leftmost such pair on ties, until no adjacent pair is a token. On p[0, n) into
+// `out` (room for n ids); returns the number of ids. kShort: n is at most 15, and `key` holds the
+// piece's bytes, zero-padded, in its first 15 bytes.
 template <bool kShort>
 size_t merge_rule(const RankTable& table, const Rank* byte_rank, const Rank* pair2, PairCache::Entry* pairs,
                   const uint8_t* p, size_t n, const uint64_t* key, Rank* out) {
@@ -1180,8 +1189,8 @@ struct PieceCache {
 std::atomic<size_t> g_cache_sets{PieceCache::kDefaultSets};
 thread_local PieceCache t_cache;
 
-// The cache's third level: pieces of 16 to 128 bytes that the second does not hold (longer than its
-// keys, or more ids than its entries): long words of scripts whose letters are two or three bytes,
+// The cache's third level: pieces of up to 128 bytes that the second does not hold (from the encode
+// loop, pieces of 16 to 128 bytes: longer than its keys, or more ids than its entries): long words of scripts whose letters are two or three bytes,
 // runs of CJK text, long runs of punctuation. They are few, but each costs a merge of dozens of
 // bytes. Direct-mapped by the piece's hash; a slot points into an arena that holds the piece's
 // bytes (compared whole, so a hit is the piece's own) and then its ids. When the arena is full, the
@@ -1195,6 +1204,7 @@ struct LongCache {
         uint16_t len = 0, n_ids;  // len 0: empty
     };
     static constexpr size_t kBytes = (size_t(1) << kBits) * sizeof(Slot) + kArena;
+    static_assert(kSmallPiece * (1 + sizeof(Rank)) <= kArena && kSmallPiece <= 0xFFFF, "a piece fits");
     std::unique_ptr<Slot[]> slots;
     std::unique_ptr<uint8_t[]> arena;
     size_t used = 0;
@@ -1214,9 +1224,9 @@ struct LongCache {
         std::memcpy(out.data() + at, arena.get() + sl.at + n, sl.n_ids * sizeof(Rank));
         return true;
     }
+    // (n is at most kSmallPiece bytes, and k at most n ids: a piece always fits the empty arena)
     void store(const uint8_t* p, size_t n, uint64_t hash, const Rank* ids, size_t k) {
         const size_t need = n + k * sizeof(Rank);
-        if (k > 0xFFFF || need > kArena) return;
         if (used + need > kArena) empty();
         std::memcpy(arena.get() + used, p, n);
         std::memcpy(arena.get() + used + n, ids, k * sizeof(Rank));
@@ -1376,12 +1386,7 @@ void Encoder::encode_hashed(const uint8_t* p, size_t n, uint64_t head, uint64_t 
     PieceCache& cache = cache_for(uid_, n_vocab_);
     PieceCache::Entry* set = cache.set_of(h);
     if (const PieceCache::Entry* e = find_in(set, p, n)) return emit(cache, *e, out);
-    if (n <= 15) {  // (only a single piece encoded alone: the encode loop's first level holds these)
-        const size_t before = out.size();
-        bpe_small(p, n, out);
-        store(cache, set, p, n, out.data() + before, out.size() - before);
-        return;
-    }
+    // not in the second level: in the third, or merged and kept in whichever level holds its ids
     LongCache& lc = long_cache_for(uid_);
     if (lc.find(p, n, h, out)) return;
     const size_t before = out.size();
@@ -1599,11 +1604,7 @@ size_t Encoder::encode_small_far(const uint8_t* p, size_t n, const uint64_t* key
         std::memcpy(&b, e.key + 8, 8);
         return ((a & kKeyMasks.lo[n]) ^ lo) | ((b & kKeyMasks.hi[n]) ^ hi) | (e.key_len ^ n);
     };
-    size_t second = size_t(differs(set[0]) != 0);
-#if defined(__GNUC__)
-    __asm__("" : "+r"(second));
-#endif
-    const PieceCache::Entry& e = set[second];
+    const PieceCache::Entry& e = set[as_value(differs(set[0]) != 0)];
     if (__builtin_expect(differs(e) == 0, 1)) return emit_whole(cache, e, o);
     const size_t k = merge_short(p, n, key, o);
     store(cache, set, p, n, o, k);
@@ -1659,11 +1660,7 @@ size_t Encoder::encode_ordinary_into(std::string_view text, Rank* dst) const {
                 // The entry to look at: the first where it is the piece's, else the second. The choice
                 // is kept a value, not a branch (which would be mispredicted about every third
                 // piece); the one branch is on whether the chosen entry is the piece's.
-                size_t second = size_t(((b[0].k0 ^ k0) | (b[0].k1 ^ k1)) != 0);
-#if defined(__GNUC__)
-                __asm__("" : "+r"(second));
-#endif
-                const SmallCache::Entry* en = b + second;
+                const SmallCache::Entry* en = b + as_value(((b[0].k0 ^ k0) | (b[0].k1 ^ k1)) != 0);
                 if (__builtin_expect(((en->k0 ^ k0) | (en->k1 ^ k1)) == 0, 1)) {
                     const size_t got = small_emit(*en, kWide, o);
                     if (__builtin_expect(got < kTail, 1))

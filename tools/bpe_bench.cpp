@@ -16,7 +16,8 @@
 //             process), steady (slices 2..8, text the process has not seen), repeated (slice 8 again)
 //     split   ns/byte of the splitter alone over the whole corpus: piece_end per piece, and the block
 //             splitter where bpe.cpp has one; best of 5
-//     verify  the block splitter's pieces against piece_end's, on the corpus and on random texts
+//     verify  the block splitter's pieces against piece_end's, on the corpus and on random texts, and
+//             hash_short against hash_bytes on random short pieces
 //             (build with -fsanitize=address,undefined as well: each text is checked in a buffer of
 //             exactly its size)
 #include "bpe.cpp"
@@ -153,6 +154,20 @@ int main(int argc, char** argv) {
         }
         for (auto d : docs) bad += !same_pieces(d);
         std::printf("corpus: %zu documents differ\n", bad);
+        {  // the second level's hash of a short piece from its key, against the hash of its bytes
+            std::mt19937_64 hr(11);
+            size_t hbad = 0;
+            for (int k = 0; k < 100000; ++k) {
+                uint8_t piece[15];
+                const size_t n = 1 + hr() % 15;
+                for (size_t i = 0; i < n; ++i) piece[i] = uint8_t(hr());
+                uint64_t k0, k1;
+                small_key(piece, n, piece + n, &k0, &k1);
+                hbad += hash_short(k0, k1 & ~(uint64_t(0xFF) << 56), n) != hash_bytes(piece, n, load_head(piece, n));
+            }
+            std::printf("hash_short: %zu of 100000 short pieces differ from hash_bytes\n", hbad);
+            bad += hbad;
+        }
         std::mt19937_64 rng(7);
         const std::vector<std::string> alphabet = {
             "a", "b", "s", "t", "l", "v", "e", "r", "d", "m", "X", "Z", "0", "7", " ", " ", " ", "\n", "\t",
