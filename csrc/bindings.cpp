@@ -493,8 +493,10 @@ class PyEncoder {
         return buf.get();
     }
 
-    py::list encode_ordinary(const py::handle& text) const {
-        std::string_view s = utf8_of(text.ptr());
+    py::list encode_ordinary(const py::handle& text) const { return ordinary_list(utf8_of(text.ptr())); }
+
+    // The ids of `s`, special tokens as ordinary text, as a list.
+    py::list ordinary_list(std::string_view s) const {
         KeepTrim after;
         size_t n;
         const Rank* ids = encode_kept(s, &n);
@@ -525,10 +527,7 @@ class PyEncoder {
     py::object encode_plain(const py::handle& text) const {
         std::string_view s = utf8_of(text.ptr());
         if (holds_special(s)) return py::none();
-        KeepTrim after;
-        size_t n;
-        const Rank* ids = encode_kept(s, &n);
-        return to_list(ids, n);
+        return ordinary_list(s);
     }
     py::object encode_to_numpy_plain(const py::handle& text) const {
         std::string_view s = utf8_of(text.ptr());

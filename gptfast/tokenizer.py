@@ -550,6 +550,12 @@ class Tokenizer:
                 )
         return set(allowed_special)
 
+    def _plain(self, text, allowed_special, disallowed_special) -> bool:
+        """Whether the call has the defaults (no special token allowed, all refused) and a plain str, so
+        that the core can check for special tokens in the call that encodes."""
+        return (allowed_special is _NONE_ALLOWED and disallowed_special == "all" and self._core is not None
+                and type(text) is str)
+
     def _mask(self, allowed: set[str]):
         return [s in allowed for s, _ in self._core.specials] if allowed else None
 
@@ -566,10 +572,8 @@ class Tokenizer:
         >>> tok.encode("hi<|endoftext|>", disallowed_special=())
         [5303, 27, 91, 437, 1659, 5239, 91, 29]
         """
-        if allowed_special is _NONE_ALLOWED and disallowed_special == "all" and self._core is not None \
-                and type(text) is str:
-            # the defaults, checked and encoded in one call; None where the text holds a special token
-            ids = _on_core(self._core.encode_plain, text)
+        if self._plain(text, allowed_special, disallowed_special):
+            ids = _on_core(self._core.encode_plain, text)  # None where the text holds a special token
             if ids is not None:
                 return ids
         allowed = self._allowed(text, allowed_special, disallowed_special)
@@ -592,8 +596,7 @@ class Tokenizer:
         >>> Tokenizer.gpt2().encode_to_numpy("hello world")
         array([31373,   995], dtype=uint32)
         """
-        if allowed_special is _NONE_ALLOWED and disallowed_special == "all" and self._core is not None \
-                and type(text) is str:
+        if self._plain(text, allowed_special, disallowed_special):
             ids = _on_core(self._core.encode_to_numpy_plain, text)
             if ids is not None:
                 return ids
